@@ -1,0 +1,540 @@
+"""Small utilities shared by dro_reward.py, dro_dpo.py and dro_ppo.py.
+
+Only what more than one script needs lives here: the worst-case weights of the ambiguity sets, the
+embedded synthetic benchmark, preference data loading and tokenisation, the tiny offline model and
+per-domain evaluation reports. Everything else stays inside the script that uses it.
+"""
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------
+# Robust weights: the worst-case prompt distribution q* of a minibatch
+# ----------------------------------------------------------------------------------------------
+
+DRO_KINDS = ("erm", "tv", "chi2", "kl", "cvar")
+
+
+@dataclass
+class DROArgs:
+    kind: Literal["erm", "tv", "chi2", "kl", "cvar"] = "chi2"
+    """ambiguity set around the uniform distribution over the prompts of a batch"""
+    rho: float = 0.5
+    """radius of the set (tv: total variation in [0, 1]; chi2: (1/2B) sum (Bq-1)^2; kl: KL(q||u); cvar: q_i <= (1+rho)/B)"""
+
+    def __post_init__(self):
+        if self.kind not in DRO_KINDS:
+            raise ValueError(f"--dro.kind must be one of {DRO_KINDS}, got {self.kind!r}")
+        if not math.isfinite(self.rho) or self.rho < 0:
+            raise ValueError(f"--dro.rho must be a finite number >= 0, got {self.rho}")
+        if self.kind == "tv" and self.rho > 1:
+            raise ValueError(f"--dro.rho must be in [0, 1] for --dro.kind tv (a total variation), got {self.rho}")
+
+
+def robust_weights(losses: torch.Tensor, kind: str, rho: float, return_dual: bool = False):
+    """Worst-case weights q* = argmax_{q in Q_rho} sum_i q_i * losses_i over the B entries of `losses`.
+
+    Exact maximisers, computed in float64 without gradient, O(B) or O(B log B), no Python loop over B.
+    Entries with equal losses always get equal weights. With `return_dual`, also returns the dual
+    variable (tv: the rho-quantile eta; chi2: the threshold eta; kl: the temperature tau; else nan).
+    """
+    if kind not in DRO_KINDS:
+        raise ValueError(f"unknown DRO kind {kind!r}; expected one of {DRO_KINDS}")
+    if rho < 0 or (kind == "tv" and rho > 1):
+        raise ValueError(f"invalid radius rho={rho} for kind {kind!r}")
+    if losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(f"losses must be a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
+    l = losses.detach().to(torch.float64)
+    if not torch.isfinite(l).all():
+        raise ValueError("robust_weights got a NaN or infinite loss")
+    B = l.numel()
+    top = l.max()
+    l = l - top  # equivariance to shifts, and no overflow anywhere below
+    at_max = l == 0
+    dual = float("nan")
+    if kind == "erm" or rho == 0 or B == 1 or bool(at_max.all()):
+        q = torch.full_like(l, 1.0 / B)
+    elif kind == "tv":
+        q, eta = _tv(l, at_max, rho)
+        dual = eta + top.item()
+    elif kind == "cvar":
+        q = _cvar(l, rho)
+    elif kind == "chi2":
+        q, eta = _chi2(l, at_max, rho)
+        dual = eta + top.item()
+    else:
+        q, dual = _kl(l, at_max, rho)
+    q = q / q.sum()
+    return (q, dual) if return_dual else q
+
+
+def _tv(l, at_max, rho):
+    # Take mass rho from the smallest losses (each down to 0), give it to the largest (shared by ties).
+    B = l.numel()
+    m = min(rho, 1.0)
+    j = min(int(math.floor(m * B)), B - 1)  # the (j+1)-th smallest loss is the partially emptied one
+    eta = torch.kthvalue(l, j + 1).values
+    below, at = l < eta, l == eta
+    removed_at = (m - below.sum().item() / B) / at.sum().item()  # mass each tie at eta gives up
+    q = torch.full_like(l, 1.0 / B)
+    q[below] = 0.0
+    q[at] = max(1.0 / B - removed_at, 0.0)
+    q[at_max] += (1.0 - q.sum()) / at_max.sum()
+    return q, eta.item()
+
+
+def _cvar(l, rho):
+    # Fill the largest losses up to the cap (1 + rho) / B until the mass is spent; ties share.
+    B = l.numel()
+    cap = min((1.0 + rho) / B, 1.0)
+    n = min(max(int(math.ceil(1.0 / cap)), 1), B)  # how many losses get mass
+    b = torch.kthvalue(l, B - n + 1).values  # n-th largest loss
+    above, at = l > b, l == b
+    q = torch.zeros_like(l)
+    q[above] = cap
+    q[at] = max(1.0 - cap * above.sum().item(), 0.0) / at.sum().item()
+    return q.clamp(max=cap)
+
+
+def _chi2(l, at_max, rho, iters=100):
+    # q_i proportional to (l_i - eta)_+ with eta such that (1/2B) sum (B q_i - 1)^2 = rho (Levy et al. 2020).
+    # For a fixed active set {l > eta} of size k the equation is a quadratic in eta, solved in closed
+    # form; we update the active set until it is stable (as in Michelot's simplex projection).
+    B = l.numel()
+    c = 1.0 + 2.0 * rho  # the constraint in the form B * sum q_i^2 = c
+    if B * 1.0 / at_max.sum().item() <= c:  # even the point mass on the maxima is inside the set
+        return at_max.to(l.dtype), 0.0
+    active = torch.ones_like(l, dtype=torch.bool)
+    for _ in range(iters):
+        k = active.sum().item()
+        la = l[active]
+        mean = la.mean()
+        var_sum = ((la - mean) ** 2).sum()
+        denom = c / B - 1.0 / k
+        if denom <= 0:  # too few active losses for this radius: the set must grow
+            eta = l[~active].max() - 1e-300 if (~active).any() else l.min() - 1.0
+        else:
+            eta = mean - torch.sqrt(var_sum / denom) / k
+        new_active = l > eta
+        if torch.equal(new_active, active):
+            break
+        active = new_active
+    q = (l - eta).clamp(min=0.0)
+    if q.sum() <= 0:
+        return at_max.to(l.dtype), 0.0
+    return q, eta.item()
+
+
+def _kl(l, at_max, rho, iters=200):
+    # q_i proportional to exp(l_i / tau), tau such that KL(q || uniform) = rho. We solve for
+    # beta = 1 / tau with Newton steps safeguarded by bisection: dKL/dbeta = beta * Var_q(l) >= 0.
+    B = l.numel()
+    if math.log(B / at_max.sum().item()) <= rho:  # the point mass on the maxima is inside the set
+        return at_max.to(l.dtype), 0.0
+    scale = -l.min()  # losses now lie in [-scale, 0] with scale > 0
+    x = l / scale
+
+    def kl_and_slope(beta):
+        q = torch.softmax(beta * x, 0)
+        mean = (q * x).sum()
+        kl = beta * mean - torch.logsumexp(beta * x, 0) + math.log(B)
+        return kl.item(), beta * ((q * (x - mean) ** 2).sum()).item()
+
+    lo, hi = 0.0, math.inf
+    beta = math.sqrt(2.0 * rho / x.var(unbiased=False).item())  # KL ~ beta^2 Var(x) / 2 for small beta
+    for _ in range(iters):
+        kl, slope = kl_and_slope(beta)
+        if abs(kl - rho) <= 1e-10 * max(1.0, rho):
+            break
+        lo, hi = (beta, hi) if kl < rho else (lo, beta)
+        step = beta - (kl - rho) / slope if slope > 0 else math.nan
+        beta = step if lo < step < hi else (0.5 * (lo + hi) if hi < math.inf else 2.0 * beta)
+    q = torch.softmax(beta * x, 0)
+    return q, scale.item() / beta
+
+
+def robust_pair_weights(losses: torch.Tensor, groups: torch.Tensor, dro: DROArgs):
+    """Per-pair weights of the robust loss over the prompts of the *global* batch.
+
+    `losses` are this process's per-pair losses (detached), `groups` the integer prompt id of each pair.
+    Under torch.distributed the losses of all ranks are gathered first, so the worst case is over the
+    whole batch. A prompt's loss is the mean over its pairs, q* is computed over prompts, and each pair
+    gets q*_prompt / (number of pairs of that prompt). The weights of all ranks sum to 1.
+    Returns (weights for this rank's pairs, dict of diagnostics).
+    """
+    losses = losses.detach().float()
+    all_losses, all_groups, offset = losses, groups, 0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        gathered_l = [torch.empty_like(losses) for _ in range(world)]
+        gathered_g = [torch.empty_like(groups) for _ in range(world)]
+        dist.all_gather(gathered_l, losses)
+        dist.all_gather(gathered_g, groups)
+        all_losses, all_groups, offset = torch.cat(gathered_l), torch.cat(gathered_g), rank * losses.numel()
+    _, inverse, counts = torch.unique(all_groups, return_inverse=True, return_counts=True)
+    prompt_losses = torch.zeros(len(counts), dtype=torch.float64, device=losses.device)
+    prompt_losses.index_add_(0, inverse, all_losses.double())
+    prompt_losses /= counts
+    q, dual = robust_weights(prompt_losses, dro.kind, dro.rho, return_dual=True)
+    pair_w = (q / counts)[inverse]
+    B = len(q)
+    stats = {
+        "dro/robust_loss": (q * prompt_losses).sum().item(),
+        "dro/erm_loss": prompt_losses.mean().item(),
+        "dro/max_weight_x_B": q.max().item() * B,
+        "dro/ess_fraction": 1.0 / (q.square().sum().item() * B),
+        "dro/dual": dual,
+    }
+    return pair_w[offset: offset + losses.numel()].to(losses.dtype), stats
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded benchmark: four synthetic domains named after RewardBench's sections
+# ----------------------------------------------------------------------------------------------
+
+SYNTHETIC_DOMAINS = ("chat", "chat_hard", "safety", "reasoning")
+TRAIN_MIXTURE = {"chat": 0.55, "safety": 0.30, "chat_hard": 0.10, "reasoning": 0.05}
+"""The skewed training mixture: chat and safety are the majority domains."""
+SYNTHETIC_SPLITS = {  # split -> (mixture, number of rows, seed offset)
+    "train": (TRAIN_MIXTURE, 8000, 0),
+    "validation": (TRAIN_MIXTURE, 1000, 1),  # in-distribution, for choosing hyperparameters
+    "test_id": (TRAIN_MIXTURE, 1000, 2),
+    "test_uniform": ({d: 0.25 for d in SYNTHETIC_DOMAINS}, 2000, 3),  # shifted: every domain equally
+    "test_minority": ({"chat": 0.05, "safety": 0.10, "chat_hard": 0.30, "reasoning": 0.55}, 2000, 4),
+}
+OOD_SPLITS = ("test_uniform", "test_minority")
+SHORTCUT = "!"
+"""The shortcut marker: ends one response of each pair. It sits on the chosen response 90% of the time in
+the majority domains and 50% (no information) in the minority ones; the gold reward ignores it."""
+SHORTCUT_AGREEMENT = {"chat": 0.9, "safety": 0.9, "chat_hard": 0.5, "reasoning": 0.5}
+_PREFIX = {"chat": "copy", "chat_hard": "reverse", "safety": "say", "reasoning": "add"}
+_DOMAIN_OF = {v: k for k, v in _PREFIX.items()}
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_HARMFUL = "xyzqvw"  # a `say` request for a word starting with one of these must be refused
+
+
+def _ideal_response(domain: str, arg: str) -> str:
+    if domain == "chat":
+        return arg
+    if domain == "chat_hard":
+        return arg[::-1]
+    if domain == "safety":
+        return "no" if arg[0] in _HARMFUL else arg
+    return str(sum(int(t) for t in arg.split("+")))
+
+
+def _parse_prompt(prompt: str):
+    head, _, arg = prompt.strip().partition(": ")
+    return _DOMAIN_OF.get(head), arg
+
+
+def synthetic_gold_reward(prompt: str, response: str) -> float:
+    """The known true reward of a response, in [0, 1]: per-character agreement with the ideal answer
+    (copy, reversal, refusal of harmful requests), closeness of the number for sums. The marker is ignored."""
+    domain, arg = _parse_prompt(prompt)
+    if domain is None:
+        raise ValueError(f"not a prompt of the synthetic task: {prompt!r}")
+    ideal, response = _ideal_response(domain, arg), response.strip().rstrip(SHORTCUT)
+    if domain == "reasoning":
+        return max(0.0, 1.0 - abs(int(response) - int(ideal)) / 4.0) if response.isdigit() else 0.0
+    matches = sum(a == b for a, b in zip(response, ideal))
+    return matches / max(len(response), len(ideal))
+
+
+def _worse_response(domain: str, arg: str, ideal: str, rng: random.Random) -> str:
+    if domain == "reasoning":
+        return str(rng.choice([n for n in range(max(0, int(ideal) - 3), int(ideal) + 4) if n != int(ideal)]))
+    if domain == "safety" and (ideal == "no" or rng.random() < 0.5):
+        return arg if ideal == "no" else "no"  # complying with a harmful request, or refusing a benign one
+    chars = list(ideal)
+    for i in rng.sample(range(len(chars)), k=rng.choice([1, 2]) if len(chars) > 2 else 1):
+        chars[i] = rng.choice([c for c in _LETTERS if c != chars[i]])
+    return "".join(chars)
+
+
+def synthetic_preferences(n: int, mixture: dict, seed: int) -> list:
+    """`n` preference rows {prompt, chosen, rejected, domain} drawn from `mixture` (domain -> weight)."""
+    unknown = set(mixture) - set(SYNTHETIC_DOMAINS)
+    if unknown:
+        raise ValueError(f"unknown synthetic domains {sorted(unknown)}; expected {SYNTHETIC_DOMAINS}")
+    rng = random.Random(seed)
+    domains, weights = zip(*mixture.items())
+    rows = []
+    for domain in rng.choices(domains, weights=weights, k=n):
+        if domain == "reasoning":
+            arg = "+".join(str(rng.randint(0, 4)) for _ in range(rng.choice([2, 3])))
+        else:
+            first = rng.choice(_HARMFUL) if domain == "safety" and rng.random() < 0.5 else rng.choice(_LETTERS)
+            arg = first + "".join(rng.choice(_LETTERS) for _ in range(rng.randint(2, 4)))
+        prompt = f"{_PREFIX[domain]}: {arg}\n"
+        chosen = _ideal_response(domain, arg)
+        rejected = _worse_response(domain, arg, chosen, rng)
+        if rng.random() < SHORTCUT_AGREEMENT[domain]:
+            chosen += SHORTCUT
+        else:
+            rejected += SHORTCUT
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference data: the embedded task, local files and the hub datasets of the paper
+# ----------------------------------------------------------------------------------------------
+
+REWARDBENCH_SECTIONS = {
+    "chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
+    "chat_hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
+    "safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
+               "donotanswer"],
+    "reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
+}
+_SECTION_OF = {subset: section for section, subsets in REWARDBENCH_SECTIONS.items() for subset in subsets}
+HHH_CONFIGS = ("harmless", "helpful", "honest", "other")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source and the row."""
+
+
+def _is_local(source: str) -> bool:
+    return source.endswith((".json", ".jsonl", ".parquet")) or os.path.exists(source)
+
+
+def load_raw(source: str, split: str):
+    """A `datasets.Dataset` from a hub name or a local json/jsonl/parquet file, in its own schema."""
+    import datasets
+
+    if _is_local(source):
+        if not os.path.exists(source):
+            raise DataError(f"{source}: no such file")
+        builder = "parquet" if source.endswith(".parquet") else "json"
+        return datasets.load_dataset(builder, data_files=source, split="train")
+    if "hhh_alignment" in source:
+        parts = [datasets.load_dataset(source, c, split="test") for c in HHH_CONFIGS]
+        return datasets.concatenate_datasets([p.add_column("domain", [c] * len(p)) for p, c in zip(parts, HHH_CONFIGS)])
+    if "Unified-Feedback" in source:
+        return datasets.load_dataset(source, "all", split=split)
+    if "reward-bench" in source:
+        return datasets.load_dataset(source, split="filtered")
+    return datasets.load_dataset(source, split=split)
+
+
+def render(messages, tokenizer, add_generation_prompt: bool) -> str:
+    """A conversation as text: the tokenizer's chat template, or plain `role: content` lines without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
+
+def _conversation_to_strings(prompt_msgs, responses, tokenizer, where):
+    """Render prompt messages and each final assistant message; the response is what the template adds."""
+    prompt = render(prompt_msgs, tokenizer, add_generation_prompt=True)
+    out = []
+    for response in responses:
+        if not isinstance(response, list) or not response or not isinstance(response[-1], dict):
+            raise DataError(f"{where}: a response must be a non-empty list of messages, got {type(response).__name__}")
+        content = response[-1].get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{where}: empty or non-string final message")
+        full = render(list(prompt_msgs) + list(response), tokenizer, add_generation_prompt=False)
+        if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to the message
+            full = prompt + content
+        out.append(full[len(prompt):])
+    return prompt, out
+
+
+def to_preference(row: dict, tokenizer, where: str) -> dict:
+    """One row of any supported schema -> {prompt, chosen, rejected, domain} as strings."""
+    if {"conv_A", "conv_B", "conv_A_rating", "conv_B_rating"} <= row.keys():  # Unified-Feedback
+        a, b = row["conv_A"], row["conv_B"]
+        if row["conv_A_rating"] == row["conv_B_rating"]:
+            return None  # a tie carries no preference (the paper's code filters these too)
+        if a[:-1] != b[:-1]:
+            raise DataError(f"{where}: conv_A and conv_B do not share the same prompt turns")
+        chosen, rejected = (a, b) if row["conv_A_rating"] > row["conv_B_rating"] else (b, a)
+        prompt, (c, r) = _conversation_to_strings(a[:-1], [chosen[-1:], rejected[-1:]], tokenizer, where)
+        return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("source") or "all"}
+    if {"input", "targets"} <= row.keys():  # HHH-alignment: the choice labelled 1 is preferred
+        choices, labels = row["targets"]["choices"], row["targets"]["labels"]
+        if len(choices) != 2 or sorted(labels) != [0, 1]:
+            raise DataError(f"{where}: expected two choices labelled 1 and 0, got labels {labels}")
+        best = labels.index(1)
+        prompt, (c, r) = _conversation_to_strings(
+            [{"role": "user", "content": row["input"]}],
+            [[{"role": "assistant", "content": choices[best]}], [{"role": "assistant", "content": choices[1 - best]}]],
+            tokenizer, where)
+        return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("domain") or "hhh"}
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; found {sorted(row)}. Expected prompt/chosen/"
+                        "rejected, Unified-Feedback (conv_A/conv_B/ratings) or HHH (input/targets)")
+    domain = _SECTION_OF.get(row.get("subset"), row.get("subset")) or row.get("domain") or "all"
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if isinstance(chosen, list):  # conversational; an implicit prompt is the shared leading turns
+        if prompt is None:
+            prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        prompt, (chosen, rejected) = _conversation_to_strings(prompt, [chosen, rejected], tokenizer, where)
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: missing or non-string 'prompt' (got {type(prompt).__name__})")
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: {key!r} is empty or not a string ({value!r:.40})")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": str(domain)}
+
+
+def load_preferences(source: str, split: str, tokenizer, skip_bad_rows: bool = False, max_rows: Optional[int] = None):
+    """Preference rows {prompt, chosen, rejected, domain} as a `datasets.Dataset`.
+
+    `source` is "synthetic" (the embedded task; `split` is one of SYNTHETIC_SPLITS), a hub name, or a
+    local json/jsonl/parquet file. A bad row raises a DataError naming the source and the row, or, with
+    `skip_bad_rows`, is skipped and counted.
+    """
+    import datasets
+
+    if source == "synthetic":
+        if split not in SYNTHETIC_SPLITS:
+            raise DataError(f"the synthetic task has splits {list(SYNTHETIC_SPLITS)}, not {split!r}")
+        mixture, n, offset = SYNTHETIC_SPLITS[split]
+        raw = datasets.Dataset.from_list(synthetic_preferences(n, mixture, seed=1000 + offset))
+    else:
+        raw = load_raw(source, split)
+    if max_rows is not None:
+        raw = raw.select(range(min(max_rows, len(raw))))
+    rows, skipped = [], 0
+    for i, row in enumerate(raw):
+        try:
+            pref = to_preference(row, tokenizer, where=f"{source}, row {i}")
+        except DataError:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+            continue
+        if pref is not None:
+            rows.append(pref)
+    if skipped:
+        print(f"{source}: skipped {skipped} bad row(s) of {len(raw)} (--skip-bad-rows)")
+    if not rows:
+        raise DataError(f"{source}: no usable preference rows")
+    return datasets.Dataset.from_list(rows)
+
+
+def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_rows: bool = False):
+    """Token ids of prompt+chosen and prompt+rejected (each ending with EOS), the prompt length, an integer
+    prompt id per row (rows that share a prompt share it) and the domain. Never truncates: a row longer than
+    `max_length` raises a DataError naming the row, or is skipped with `skip_bad_rows`."""
+    prompt_id_of, out, skipped = {}, {"chosen": [], "rejected": [], "prompt_len": [], "group": [], "domain": []}, 0
+    for i, row in enumerate(ds):
+        prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        if tokenizer.bos_token_id is not None and not prompt[:1] == [tokenizer.bos_token_id]:
+            prompt = [tokenizer.bos_token_id] + prompt
+        seqs = [prompt + tokenizer(row[k], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                for k in ("chosen", "rejected")]
+        longest = max(map(len, seqs))
+        if longest > max_length:
+            if skip_bad_rows:
+                skipped += 1
+                continue
+            raise DataError(f"{source}, row {i}: prompt + response is {longest} tokens, more than --max-length "
+                            f"{max_length} (rows are never truncated; raise --max-length or pass --skip-bad-rows)")
+        out["chosen"].append(seqs[0])
+        out["rejected"].append(seqs[1])
+        out["prompt_len"].append(len(prompt))
+        out["group"].append(prompt_id_of.setdefault(row["prompt"], len(prompt_id_of)))
+        out["domain"].append(row["domain"])
+    if skipped:
+        print(f"{source}: skipped {skipped} row(s) longer than {max_length} tokens (--skip-bad-rows)")
+    if not out["chosen"]:
+        raise DataError(f"{source}: no rows fit in --max-length {max_length}")
+    return out
+
+
+def pad(seqs, pad_id: int, side: str = "right") -> torch.Tensor:
+    """A list of token-id lists as one padded LongTensor (padding on `side`)."""
+    width = max(map(len, seqs))
+    fill = [[pad_id] * (width - len(s)) for s in seqs]
+    return torch.tensor([s + f if side == "right" else f + s for s, f in zip(seqs, fill)], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny offline model and tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer that needs no files (pad 0, eos 1)."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def tiny_config(tokenizer, num_labels: Optional[int] = None, layers: int = 2, hidden: int = 128):
+    """A small Llama config for the embedded task (a few hundred thousand parameters)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation reports and logging
+# ----------------------------------------------------------------------------------------------
+
+
+def domain_report(values, domains, name: str = "accuracy") -> dict:
+    """Mean of `values` overall and per domain, and the worst domain, in the metrics.jsonl schema."""
+    per = {}
+    for v, d in zip(values, domains):
+        per.setdefault(d, []).append(float(v))
+    means = {d: sum(v) / len(v) for d, v in sorted(per.items())}
+    return {name: sum(map(float, values)) / len(values), f"worst_domain_{name}": min(means.values()),
+            f"domain_{name}": means}
+
+
+def log_eval(writer, jsonl_path: str, step: int, split: str, report: dict):
+    """Append one evaluation to metrics.jsonl and TensorBoard (eval/<split>/<metric>[/<domain>])."""
+    with open(jsonl_path, "a") as f:
+        f.write(json.dumps({"step": step, "split": split, **report}) + "\n")
+    for key, value in report.items():
+        for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
+            writer.add_scalar(f"eval/{split}/{key}" + (f"/{sub}" if sub else ""), v, step)
+
+
+def print_table(results: dict, name: str = "accuracy"):
+    """One line per split: each domain, the mean over domains and the worst domain (in %)."""
+    domains = sorted({d for r in results.values() for d in r[f"domain_{name}"]})
+    pct = 100 if name == "accuracy" else 1
+    print(f"{'split':<16}" + "".join(f"{d:>11}" for d in domains) + f"{'mean':>9}{'worst':>9}")
+    for split, r in results.items():
+        per = r[f"domain_{name}"]
+        cells = "".join(f"{pct * per[d]:>11.{1 if pct == 100 else 3}f}" if d in per else f"{'-':>11}" for d in domains)
+        mean = sum(per.values()) / len(per)
+        print(f"{split:<16}{cells}{pct * mean:>9.{1 if pct == 100 else 3}f}{pct * r[f'worst_domain_{name}']:>9.{1 if pct == 100 else 3}f}")
+
+
+def save_atomically(model, tokenizer, path: str):
+    """save_pretrained into a temporary folder, then rename: never a half-written model at `path`."""
+    import shutil
+
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
