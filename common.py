@@ -373,9 +373,9 @@ def to_preference(row: dict, tokenizer, where: str) -> dict:
             [[{"role": "assistant", "content": choices[best]}], [{"role": "assistant", "content": choices[1 - best]}]],
             tokenizer, where)
         return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("domain") or "hhh"}
-    missing = [k for k in ("chosen", "rejected") if k not in row]
+    missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
     if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; found {sorted(row)}. Expected prompt/chosen/"
+        raise DataError(f"{where}: missing column(s) {missing}; found {sorted(k for k, v in row.items() if v is not None)}. Expected prompt/chosen/"
                         "rejected, Unified-Feedback (conv_A/conv_B/ratings) or HHH (input/targets)")
     domain = _SECTION_OF.get(row.get("subset"), row.get("subset")) or row.get("domain") or "all"
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
@@ -389,12 +389,12 @@ def to_preference(row: dict, tokenizer, where: str) -> dict:
         raise DataError(f"{where}: missing or non-string 'prompt' (got {type(prompt).__name__})")
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{where}: {key!r} is empty or not a string ({value!r:.40})")
+            raise DataError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": str(domain)}
 
 
 def load_preferences(source: str, split: str, tokenizer, skip_bad_rows: bool = False, max_rows: Optional[int] = None):
-    """Preference rows {prompt, chosen, rejected, domain} as a `datasets.Dataset`.
+    """Preference rows {prompt, chosen, rejected, domain, row} as a `datasets.Dataset` (`row`: index in the source).
 
     `source` is "synthetic" (the embedded task; `split` is one of SYNTHETIC_SPLITS), a hub name, or a
     local json/jsonl/parquet file. A bad row raises a DataError naming the source and the row, or, with
@@ -421,7 +421,7 @@ def load_preferences(source: str, split: str, tokenizer, skip_bad_rows: bool = F
             skipped += 1
             continue
         if pref is not None:
-            rows.append(pref)
+            rows.append({**pref, "row": i})
     if skipped:
         print(f"{source}: skipped {skipped} bad row(s) of {len(raw)} (--skip-bad-rows)")
     if not rows:
@@ -434,7 +434,8 @@ def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_r
     prompt id per row (rows that share a prompt share it) and the domain. Never truncates: a row longer than
     `max_length` raises a DataError naming the row, or is skipped with `skip_bad_rows`."""
     prompt_id_of, out, skipped = {}, {"chosen": [], "rejected": [], "prompt_len": [], "group": [], "domain": []}, 0
-    for i, row in enumerate(ds):
+    for row in ds:
+        i = row["row"]  # the row of the source file, for error messages
         prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
         if tokenizer.bos_token_id is not None and not prompt[:1] == [tokenizer.bos_token_id]:
             prompt = [tokenizer.bos_token_id] + prompt

@@ -60,6 +60,8 @@ class Args:
     """evaluation data, zero or more like --dataset (default: the embedded validation, ID and shifted splits)"""
     max_train_rows: Optional[int] = None
     """use at most this many training rows"""
+    max_eval_rows: Optional[int] = None
+    """use at most this many rows of each evaluation split"""
     max_length: int = 64
     """maximum tokens of prompt + response; longer rows are an error (or skipped with --skip-bad-rows)"""
     skip_bad_rows: bool = False
@@ -162,9 +164,9 @@ if __name__ == "__main__":
 
     train = load(args.dataset, args.dataset_split, args.max_train_rows)
     if args.eval_datasets:
-        eval_sets = {name.split("/")[-1]: load(name, "test") for name in args.eval_datasets}
+        eval_sets = {name.split("/")[-1]: load(name, "test", args.max_eval_rows) for name in args.eval_datasets}
     elif args.dataset == "synthetic":
-        eval_sets = {s: load("synthetic", s) for s in common.SYNTHETIC_SPLITS if s != "train"}
+        eval_sets = {s: load("synthetic", s, args.max_eval_rows) for s in common.SYNTHETIC_SPLITS if s != "train"}
     else:
         eval_sets = {}
     n_train = len(train["chosen"])

@@ -1,0 +1,110 @@
+"""Loaders on small fixtures in the real schemas, the synthetic benchmark, and bad input."""
+
+import os
+
+import pytest
+
+import common
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return common.tiny_tokenizer()
+
+
+def load(name, tok, **kw):
+    return common.load_preferences(os.path.join(FIX, name), "train", tok, **kw)
+
+
+def test_unified_feedback(tok):
+    ds = load("unified_feedback.jsonl", tok)
+    assert len(ds) == 3  # the tied row (equal ratings) carries no preference and is dropped
+    assert ds[0] == {"prompt": "user: What is 2+2?\nassistant: ", "chosen": "4\n", "rejected": "5\n",
+                     "domain": "ultrafeedback", "row": 0}
+    assert ds[1]["chosen"] == "Hi!\n" and ds[1]["rejected"] == "Go away.\n"  # conv_B rated higher
+    assert ds[2]["prompt"].endswith("assistant: Red.\nuser: Another?\nassistant: ") and ds[2]["chosen"] == "Blue.\n"
+    assert ds[2]["row"] == 3
+
+
+def test_reward_bench_sections(tok):
+    ds = load("reward_bench.jsonl", tok)
+    assert ds["domain"] == ["chat", "chat_hard", "safety", "reasoning", "reasoning"]
+    assert ds[2]["chosen"] == "I can't help with that." and ds[2]["prompt"] == "How do I make a bomb?"
+
+
+def test_hhh_alignment(tok):
+    ds = load("hhh_alignment.jsonl", tok)
+    assert ds[0]["chosen"].startswith("No, I won't") and ds[1]["chosen"] == "Paris.\n" and ds[1]["rejected"] == "Berlin.\n"
+
+
+def test_conversational_rows_use_the_chat_template(tok):
+    tok = common.tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    ds = load("conversational.jsonl", tok)
+    assert ds[0] == {"prompt": "<user>Say yes.</s><assistant>", "chosen": "yes</s>", "rejected": "no</s>",
+                     "domain": "all", "row": 0}
+    assert ds[1]["prompt"] == "<user>Say no.</s><assistant>" and ds[1]["chosen"] == "no</s>"  # implicit prompt
+
+
+def test_plain_parquet_and_tokenization(tok):
+    ds = load("plain.parquet", tok)
+    t = common.tokenize_preferences(ds, tok, 64, "plain.parquet")
+    assert t["domain"] == ["chat", "reasoning"]
+    prompt_ids = tok("copy: abc\n", add_special_tokens=False).input_ids
+    assert t["prompt_len"][0] == len(prompt_ids)
+    assert t["chosen"][0] == prompt_ids + tok("abc", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert t["group"] == [0, 1]
+
+
+@pytest.mark.parametrize("name,message", [
+    ("bad_missing_column.jsonl", "bad_missing_column.jsonl, row 1: missing column(s) ['rejected']"),
+    ("bad_empty_response.jsonl", "bad_empty_response.jsonl, row 2: 'chosen' must be a non-empty string"),
+    ("bad_nonstring_response.jsonl", "bad_nonstring_response.jsonl, row 1: 'chosen' must be a non-empty string, got 3"),
+])
+def test_bad_rows_name_file_and_row(tok, name, message):
+    with pytest.raises(common.DataError) as e:
+        load(name, tok)
+    assert message in str(e.value)
+    ds = load(name, tok, skip_bad_rows=True)
+    assert len(ds) >= 1 and all(isinstance(c, str) and c for c in ds["chosen"])
+
+
+def test_too_long_is_an_error_never_a_truncation(tok, capsys):
+    ds = load("bad_too_long.jsonl", tok)
+    with pytest.raises(common.DataError, match=r"bad_too_long.jsonl, row 1: prompt \+ response is 202 tokens"):
+        common.tokenize_preferences(ds, tok, 64, "bad_too_long.jsonl")
+    t = common.tokenize_preferences(ds, tok, 64, "bad_too_long.jsonl", skip_bad_rows=True)
+    assert len(t["chosen"]) == 1 and "skipped 1 row" in capsys.readouterr().out
+
+
+def test_missing_file_and_unknown_split(tok):
+    with pytest.raises(common.DataError, match="no such file"):
+        common.load_preferences("nope/missing.jsonl", "train", tok)
+    with pytest.raises(common.DataError, match="splits"):
+        common.load_preferences("synthetic", "dev", tok)
+
+
+def test_synthetic_benchmark():
+    rows = common.synthetic_preferences(4000, common.TRAIN_MIXTURE, seed=0)
+    assert rows == common.synthetic_preferences(4000, common.TRAIN_MIXTURE, seed=0)  # deterministic
+    by_domain = {d: [r for r in rows if r["domain"] == d] for d in common.SYNTHETIC_DOMAINS}
+    assert len(by_domain["chat"]) > 5 * len(by_domain["reasoning"])  # skewed training mixture
+    for d, rs in by_domain.items():
+        gold = [(common.synthetic_gold_reward(r["prompt"], r["chosen"]), common.synthetic_gold_reward(r["prompt"], r["rejected"])) for r in rs]
+        assert all(c == 1.0 > r for c, r in gold), d  # chosen is ideal, rejected strictly worse
+        shortcut = sum(r["chosen"].endswith(common.SHORTCUT) for r in rs) / len(rs)
+        p = common.SHORTCUT_AGREEMENT[d]
+        assert abs(shortcut - p) < 4 * (p * (1 - p) / len(rs)) ** 0.5, (d, shortcut)
+    assert common.synthetic_gold_reward("add: 1+2\n", "3") == 1.0
+    assert common.synthetic_gold_reward("add: 1+2\n", "5") == 0.5
+    assert common.synthetic_gold_reward("reverse: abc\n", "cba!") == 1.0
+    assert common.synthetic_gold_reward("say: xab\n", "no") == 1.0 and common.synthetic_gold_reward("say: xab\n", "xab") == 0.0
+    assert common.synthetic_gold_reward("copy: abcd\n", "abzz") == 0.5
+
+
+def test_synthetic_goes_through_datasets(tok):
+    ds = common.load_preferences("synthetic", "test_uniform", tok)
+    assert type(ds).__name__ == "Dataset" and set(ds["domain"]) == set(common.SYNTHETIC_DOMAINS)

@@ -1,0 +1,191 @@
+"""Tests of dro_ppo.py: GAE, score reading, KL estimator, rho = 0 == plain PPO, and a smoke run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import dro_ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_mask(n, t, gen):
+    """Response masks of random lengths 1..t (ones then zeros)."""
+    lengths = torch.randint(1, t + 1, (n,), generator=gen)
+    return (torch.arange(t)[None] < lengths[:, None]).float()
+
+
+def test_gae_matches_double_loop():
+    gen = torch.Generator().manual_seed(0)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0), (1.0, 0.0)]:
+        rewards, values = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen, dtype=torch.float64)
+        mask = random_mask(5, 7, gen).double()
+        adv, ret = dro_ppo.gae(rewards, values, mask, gamma, lam)
+        for i in range(5):
+            n = int(mask[i].sum())
+            for t in range(7):
+                expected = 0.0
+                if t < n:  # A_t = sum_l (gamma lam)^l delta_{t+l}, V after the last real token is 0
+                    for l in range(n - t):
+                        v_next = values[i, t + l + 1].item() if t + l + 1 < n else 0.0
+                        delta = rewards[i, t + l].item() + gamma * v_next - values[i, t + l].item()
+                        expected += (gamma * lam) ** l * delta
+                assert adv[i, t].item() == pytest.approx(expected, abs=1e-10)
+                if t < n:
+                    assert ret[i, t].item() == pytest.approx(expected + values[i, t].item(), abs=1e-10)
+
+
+def test_score_read_at_last_real_token_whatever_the_padding_side():
+    gen = torch.Generator().manual_seed(1)
+    lengths = [3, 1, 6, 4]
+    scores_per_seq = [torch.randn(n, generator=gen) for n in lengths]
+    expected = torch.stack([s[-1] for s in scores_per_seq])
+    width = 8
+    for side in ("left", "right"):
+        rows, masks = [], []
+        for s in scores_per_seq:
+            fill = torch.full((width - len(s),), 123.0)  # a pad token's score must never be read
+            rows.append(torch.cat([fill, s]) if side == "left" else torch.cat([s, fill]))
+            m = torch.ones(len(s))
+            z = torch.zeros(width - len(s))
+            masks.append(torch.cat([z, m]) if side == "left" else torch.cat([m, z]))
+        got = dro_ppo.last_token_rewards(torch.stack(rows), torch.stack(masks).long())
+        assert torch.equal(got, expected), side
+
+
+def test_reward_model_score_does_not_depend_on_padding():
+    """A tiny reward model read through dro_ppo's path: the same score with extra left or right padding."""
+    tok = common.tiny_tokenizer()
+    rm = __import__("transformers").AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1)).eval()
+    seq = tok("copy: abc\n", add_special_tokens=False).input_ids + [5, 6, tok.eos_token_id]
+
+    def read(ids, mask):
+        hidden = rm.base_model(input_ids=ids, attention_mask=mask, position_ids=dro_ppo.positions(mask)).last_hidden_state
+        return dro_ppo.last_token_rewards(rm.score(hidden).squeeze(-1), mask)
+
+    with torch.no_grad():
+        plain = read(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+        for left, right in [(3, 0), (0, 4), (2, 5)]:
+            ids = torch.tensor([[0] * left + seq + [0] * right])
+            mask = torch.tensor([[0] * left + [1] * len(seq) + [0] * right])
+            assert torch.allclose(read(ids, mask), plain, atol=1e-5)
+
+
+def test_cut_at_eos():
+    eos, pad = 1, 0
+    responses = torch.tensor([[5, 6, 1, 7, 8], [1, 5, 5, 5, 5], [5, 0, 6, 7, 8], [5, 6, 7, 8, 1]])
+    cut, mask, has_eos = dro_ppo.cut_at_eos(responses, eos, pad)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert has_eos.tolist() == [True, True, False, True]
+    assert cut.tolist()[0] == [5, 6, 1, 0, 0] and cut.tolist()[2] == [5, 0, 6, 7, 8]  # a sampled pad token stays real
+
+
+def test_kl_estimate_never_negative():
+    gen = torch.Generator().manual_seed(2)
+    for scale in (1e-8, 1e-4, 1e-2, 1.0, 10.0, 50.0):
+        logp = torch.randn(1000, generator=gen) * scale - 1.0
+        ref = logp + torch.randn(1000, generator=gen) * scale
+        for estimator in ("k3", "k2"):
+            kl = dro_ppo.kl_penalty(logp, ref, estimator)
+            assert torch.isfinite(kl).all() and (kl >= 0).all(), (scale, estimator)
+    assert dro_ppo.kl_penalty(torch.tensor([-0.5]), torch.tensor([-0.5])).item() == 0.0
+    # k3 is unbiased: E_{x ~ p}[exp(d) - 1 - d] = KL(p || q) with d = log q - log p
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    est = (p * dro_ppo.kl_penalty(p.log(), q.log(), "k3")).sum()
+    assert est.item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
+
+
+def make_rollout_batch(n_prompts=6, k=2, t=5, vocab=11, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    n = n_prompts * k
+    mask = random_mask(n, t, gen)
+    return {"tokens": torch.randint(0, vocab, (n, t), generator=gen), "mask": mask,
+            "old_logprobs": -torch.rand(n, t, generator=gen) * 3, "advantages": torch.randn(n, t, generator=gen),
+            "old_values": torch.randn(n, t, generator=gen), "returns": torch.randn(n, t, generator=gen),
+            "returns_per_rollout": torch.randn(n, generator=gen),
+            "groups": torch.arange(n_prompts).repeat_interleave(k)}
+
+
+def one_update(weights, batch, vocab=11):
+    """One PPO step of a small linear 'policy' and 'critic' on a fixed rollout batch; returns the new parameters."""
+    torch.manual_seed(0)
+    policy, critic = torch.nn.Linear(4, vocab), torch.nn.Linear(4, 1)
+    n, t = batch["tokens"].shape
+    feats = torch.randn(n, t, 4, generator=torch.Generator().manual_seed(9))
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=1e-2)
+    logprobs = dro_ppo.token_logprobs(policy(feats), batch["tokens"])
+    pg, vf, _ = dro_ppo.ppo_loss(logprobs, batch["old_logprobs"], batch["advantages"], critic(feats).squeeze(-1),
+                                 batch["old_values"], batch["returns"], batch["mask"], weights)
+    (pg + 0.1 * vf).backward()
+    opt.step()
+    return pg.detach(), [p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())]
+
+
+@pytest.mark.parametrize("kind", ["chi2", "tv", "kl", "cvar", "erm"])
+def test_rho_zero_is_plain_ppo(kind):
+    batch = make_rollout_batch()
+    w, stats = common.robust_pair_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.0))
+    loss_dro, params_dro = one_update(w, batch)
+    loss_plain, params_plain = one_update(None, batch)  # ppo_loss's own plain mean
+    assert torch.allclose(loss_dro, loss_plain, rtol=1e-6, atol=0)
+    for a, b in zip(params_dro, params_plain):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+    if kind != "erm":  # and a positive radius changes the update
+        w, _ = common.robust_pair_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.5))
+        assert not torch.allclose(one_update(w, batch)[0], loss_plain)
+
+
+def test_ppo_loss_matches_straightforward_computation():
+    batch = make_rollout_batch(seed=5)
+    n, t = batch["tokens"].shape
+    gen = torch.Generator().manual_seed(6)
+    logprobs, values = batch["old_logprobs"] + 0.3 * torch.randn(n, t, generator=gen), batch["old_values"] + 0.5 * torch.randn(n, t, generator=gen)
+    w = torch.rand(n, generator=gen)
+    w /= w.sum()
+    pg, vf, _ = dro_ppo.ppo_loss(logprobs, batch["old_logprobs"], batch["advantages"], values, batch["old_values"],
+                                 batch["returns"], batch["mask"], w, 0.2, 0.2)
+    exp_pg, vf_sum, tokens = 0.0, 0.0, 0
+    for i in range(n):
+        per = []
+        for j in range(t):
+            if batch["mask"][i, j]:
+                r, a = (logprobs[i, j] - batch["old_logprobs"][i, j]).exp().item(), batch["advantages"][i, j].item()
+                per.append(max(-a * r, -a * min(max(r, 0.8), 1.2)))
+                v, v0, ret = values[i, j].item(), batch["old_values"][i, j].item(), batch["returns"][i, j].item()
+                vc = v0 + min(max(v - v0, -0.2), 0.2)
+                vf_sum += 0.5 * max((v - ret) ** 2, (vc - ret) ** 2)
+                tokens += 1
+        exp_pg += w[i].item() * sum(per) / len(per)
+    assert pg.item() == pytest.approx(exp_pg, rel=1e-5)
+    assert vf.item() == pytest.approx(vf_sum / tokens, rel=1e-5)
+
+
+def test_robust_weights_favour_low_return_prompts():
+    batch = make_rollout_batch()
+    w, _ = common.robust_pair_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5))
+    per_prompt_return = batch["returns_per_rollout"].view(-1, 2).mean(1)
+    per_prompt_w = w.view(-1, 2).sum(1)
+    assert per_prompt_w.sum().item() == pytest.approx(1.0)
+    assert per_prompt_w[per_prompt_return.argmin()] == per_prompt_w.max()
+    assert torch.equal(w.view(-1, 2)[:, 0], w.view(-1, 2)[:, 1])  # rollouts of one prompt share its weight
+
+
+def test_smoke_run(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "dro_ppo.py"), "--sft-steps", "5", "--num-updates", "2", "--rollout-prompts", "8",
+           "--eval-prompts", "16", "--eval-every", "1", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    splits = [s for s in common.SYNTHETIC_SPLITS if s != "train"]
+    assert {r["step"] for r in rows} == {0, 1, 2}
+    for r in rows:
+        assert r["split"] in splits and r["kl"] >= 0
+        assert {"gold_reward", "worst_domain_gold_reward", "domain_gold_reward"} <= r.keys()
+    assert os.path.exists(out / "model" / "config.json") and not os.path.exists(str(out / "model") + ".tmp")
+    assert "gold_reward after 2 PPO iterations" in proc.stdout
