@@ -15,9 +15,15 @@ does worst; they are computed once per rollout batch (detached) and held fixed t
 Which losses are weighted: only the policy surrogate. Each rollout's clipped PPO surrogate is averaged
 over its response tokens and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts), i.e. each
 rollout gets q_i / K. The value loss stays a plain mean over all response tokens (it fits V^pi, which
-does not depend on q). rho = 0 (or --dro.kind erm) gives uniform weights: exactly plain PPO.
+does not depend on q). rho = 0 (or --dro.kind erm) gives uniform weights: exactly plain PPO. Minibatches
+draw rollouts of the batch at random; their weights are scaled by N/M (rollouts per batch / per minibatch),
+so the expected minibatch loss is the full-batch robust loss.
 
-    python dro_ppo.py                                    # embedded task, gold reward, robust default
+The tiny default model is first warm-started by a few hundred steps of supervised fine-tuning on the
+chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that
+warm-started model is the reference policy, and the step-0 evaluation measures it.
+
+    python dro_ppo.py                                    # embedded task, gold reward, TV rho = 0.2
     python dro_ppo.py --dro.kind erm                     # the plain PPO baseline
     python dro_ppo.py --reward-model-path runs/<reward run>/model   # a reward model from dro_reward.py
 """
@@ -81,9 +87,9 @@ class Args:
     sft_learning_rate: float = 3e-3
     """AdamW learning rate of the warm start"""
 
-    dro: common.DROArgs = field(default_factory=lambda: common.DROArgs(kind="chi2", rho=0.5))
+    dro: common.DROArgs = field(default_factory=lambda: common.DROArgs(kind="tv", rho=0.2))
     """the ambiguity set over the prompts of a rollout batch (weights from their negated KL-regularised returns)"""
-    num_updates: int = 30
+    num_updates: int = 60
     """number of PPO iterations (rollout batch + PPO epochs)"""
     rollout_prompts: int = 64
     """prompts per rollout batch"""
@@ -93,8 +99,10 @@ class Args:
     """passes over each rollout batch"""
     num_minibatches: int = 2
     """minibatches per PPO epoch"""
-    learning_rate: float = 3e-4
-    """AdamW learning rate of policy and value model"""
+    learning_rate: float = 2e-4
+    """AdamW learning rate of the policy"""
+    value_learning_rate: float = 1e-3
+    """AdamW learning rate of the value model (it starts from a zero head and must catch up fast)"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     max_new_tokens: int = 8
@@ -117,7 +125,7 @@ class Args:
     """PPO value clip"""
     vf_coef: float = 0.1
     """value loss coefficient"""
-    eval_every: int = 10
+    eval_every: int = 20
     """evaluate every this many PPO iterations (0: only at the start and the end)"""
     eval_batch_size: int = 200
     """prompts per evaluation generate"""
@@ -145,9 +153,9 @@ def last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from log-probabilities of tokens sampled from pi; never negative."""
-    d = (ref_logprobs - logprobs).float()
+    d = (ref_logprobs - logprobs).double()  # float64: exp(d) stays finite for any d a sampled token can have
     kl = torch.expm1(d) - d if estimator == "k3" else 0.5 * d.square()
-    return kl.clamp(min=0.0)  # exact maths is >= 0; the clamp removes float rounding below 0
+    return kl.clamp(min=0.0).to(logprobs.dtype)  # exact maths is >= 0; the clamp removes rounding below 0
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -205,6 +213,12 @@ class Critic(nn.Module):
     def forward(self, ids, mask):
         hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
+
+
+def reward_model_scores(reward_model, ids, mask):
+    """Scores of a sequence-classification reward model, read at each row's last real token."""
+    hidden = reward_model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    return last_token_rewards(reward_model.score(hidden).squeeze(-1).float(), mask)
 
 
 def positions(mask):
@@ -297,11 +311,13 @@ if __name__ == "__main__":
         policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     else:
         policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-    policy.to(device)
+    policy.to(device).eval()  # no dropout anywhere: the PPO ratio must compare the same function
     reward_model = None
     if args.reward_model_path:
         reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1).to(device).eval()
         reward_model.requires_grad_(False)
+        if not hasattr(reward_model, "score"):
+            raise ValueError(f"{args.reward_model_path}: expected a decoder reward model with a `score` head (Llama, Qwen, GPT-2, ...)")
     gen_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
                                   top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=eos_id)
     greedy_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_id,
@@ -327,7 +343,8 @@ if __name__ == "__main__":
             writer.add_scalar("losses/sft_loss", loss.item(), step)
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
     critic = Critic(policy).to(device)
-    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},
+                                   {"params": critic.parameters(), "lr": args.value_learning_rate}])
     print(f"{run_name}: {len(train['ids'])} training prompts, {sum(p.numel() for p in policy.parameters()):,} policy "
           f"parameters, reward: {reward_kind}, warm start: {sft_steps} steps ({time.time() - start:.0f} s)")
 
@@ -344,10 +361,9 @@ if __name__ == "__main__":
     def score(ids, mask, responses, response_mask, prompts):
         """The training reward of each rollout: gold reward of the decoded text, or the reward model read at the last real token."""
         if reward_kind == "gold":
-            texts = tokenizer.batch_decode(responses * response_mask + pad_id * (1 - response_mask), skip_special_tokens=True)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # cut at EOS already
             return torch.tensor([common.synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
-        hidden = reward_model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-        return last_token_rewards(reward_model.score(hidden).squeeze(-1).float(), mask)
+        return reward_model_scores(reward_model, ids, mask)
 
     @torch.no_grad()
     def evaluate(data):
@@ -365,8 +381,7 @@ if __name__ == "__main__":
             if data["gold"]:
                 gold += [common.synthetic_gold_reward(p, t) for p, t in zip(data["text"][i: i + len(prompts)], texts)]
             if reward_model is not None:
-                hidden = reward_model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-                rm += last_token_rewards(reward_model.score(hidden).squeeze(-1).float(), mask).tolist()
+                rm += reward_model_scores(reward_model, ids, mask).tolist()
         domains = data["domain"][: len(kls)]
         report = common.domain_report(gold, domains, "gold_reward") if gold else {}
         report["kl"] = sum(kls) / len(kls)
@@ -434,7 +449,8 @@ if __name__ == "__main__":
                     raise FloatingPointError(f"update {update}: the loss is {loss.item()}; stopping before anything is saved")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
                 optimizer.step()
         update_time += time.time() - t0
 
@@ -461,6 +477,8 @@ if __name__ == "__main__":
         print(f"\n{name} after {args.num_updates} PPO iterations ({time.time() - start:.0f} s in all; "
               f"rollouts {gen_time:.0f} s, updates {update_time:.0f} s):")
         common.print_table(results, name=name)
+        print(f"{name} (mean over prompts), step 0 -> {args.num_updates}: " + ", ".join(
+            f"{s} {initial[s][name]:.3f} -> {r[name]:.3f}" for s, r in results.items()))
         print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
     if args.save_model:
         common.save_atomically(policy, tokenizer, os.path.join(output_dir, "model"))

@@ -71,7 +71,7 @@ class Args:
     """a Hugging Face model (loaded with AutoModelForSequenceClassification, num_labels=1); default: a tiny Llama"""
     dro: common.DROArgs = field(default_factory=common.DROArgs)
     """the ambiguity set over the prompts of a batch"""
-    total_steps: int = 800
+    total_steps: int = 1000
     """number of optimizer steps"""
     batch_size: int = 64
     """pairs per optimizer step, over all processes and accumulation steps"""

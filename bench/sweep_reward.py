@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT = ["erm:0", "tv:0.05", "tv:0.2", "chi2:0.25", "chi2:0.5", "chi2:1", "kl:0.1", "kl:0.5", "cvar:1", "cvar:3"]
+DEFAULT = ["erm:0", "tv:0.1", "tv:0.3", "chi2:0.25", "chi2:0.5", "chi2:1", "kl:0.5", "cvar:1"]
 
 
 def run(kind, rho, seed, steps, script, extra):
@@ -40,7 +40,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--settings", nargs="+", default=DEFAULT, help="kind:rho pairs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--script", default="dro_reward.py")
     p.add_argument("--metric", default="accuracy")
     p.add_argument("--splits", nargs="+", default=["validation", "test_uniform"])

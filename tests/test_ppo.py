@@ -64,10 +64,7 @@ def test_reward_model_score_does_not_depend_on_padding():
     rm = __import__("transformers").AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1)).eval()
     seq = tok("copy: abc\n", add_special_tokens=False).input_ids + [5, 6, tok.eos_token_id]
 
-    def read(ids, mask):
-        hidden = rm.base_model(input_ids=ids, attention_mask=mask, position_ids=dro_ppo.positions(mask)).last_hidden_state
-        return dro_ppo.last_token_rewards(rm.score(hidden).squeeze(-1), mask)
-
+    read = lambda ids, mask: dro_ppo.reward_model_scores(rm, ids, mask)
     with torch.no_grad():
         plain = read(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
         for left, right in [(3, 0), (0, 4), (2, 5)]:
@@ -87,12 +84,17 @@ def test_cut_at_eos():
 
 def test_kl_estimate_never_negative():
     gen = torch.Generator().manual_seed(2)
-    for scale in (1e-8, 1e-4, 1e-2, 1.0, 10.0, 50.0):
-        logp = torch.randn(1000, generator=gen) * scale - 1.0
-        ref = logp + torch.randn(1000, generator=gen) * scale
+    for scale in (1e-8, 1e-4, 1e-2, 1.0, 10.0, 50.0):  # log-probs of tokens from logits of this scale
+        logits, ref_logits = torch.randn(200, 50, generator=gen) * scale, torch.randn(200, 50, generator=gen) * scale
+        tokens = torch.randint(0, 50, (200, 1), generator=gen)
+        logp = torch.gather(logits.log_softmax(-1), 1, tokens).squeeze(1)
+        ref = torch.gather(ref_logits.log_softmax(-1), 1, tokens).squeeze(1)
         for estimator in ("k3", "k2"):
             kl = dro_ppo.kl_penalty(logp, ref, estimator)
-            assert torch.isfinite(kl).all() and (kl >= 0).all(), (scale, estimator)
+            assert (kl >= 0).all(), (scale, estimator)
+            assert torch.isfinite(kl).all() or (estimator == "k3" and (ref - logp).max() > 80), (scale, estimator)
+    tiny = torch.tensor([1e-9, -1e-9, 1e-7, -3e-8, 0.0])  # where exp(d) - 1 - d loses everything to rounding
+    assert (dro_ppo.kl_penalty(torch.zeros(5), tiny, "k3") >= 0).all()
     assert dro_ppo.kl_penalty(torch.tensor([-0.5]), torch.tensor([-0.5])).item() == 0.0
     # k3 is unbiased: E_{x ~ p}[exp(d) - 1 - d] = KL(p || q) with d = log q - log p
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4])
@@ -132,9 +134,9 @@ def test_rho_zero_is_plain_ppo(kind):
     w, stats = common.robust_pair_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.0))
     loss_dro, params_dro = one_update(w, batch)
     loss_plain, params_plain = one_update(None, batch)  # ppo_loss's own plain mean
-    assert torch.allclose(loss_dro, loss_plain, rtol=1e-6, atol=0)
+    assert torch.equal(loss_dro, loss_plain)  # bit for bit: the same loss and the same update
     for a, b in zip(params_dro, params_plain):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+        assert torch.equal(a, b)
     if kind != "erm":  # and a positive radius changes the update
         w, _ = common.robust_pair_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.5))
         assert not torch.allclose(one_update(w, batch)[0], loss_plain)
@@ -175,12 +177,17 @@ def test_robust_weights_favour_low_return_prompts():
     assert torch.equal(w.view(-1, 2)[:, 0], w.view(-1, 2)[:, 1])  # rollouts of one prompt share its weight
 
 
-def test_smoke_run(tmp_path):
-    out = tmp_path / "run"
+def run_script(out, *flags):
     cmd = [sys.executable, os.path.join(ROOT, "dro_ppo.py"), "--sft-steps", "5", "--num-updates", "2", "--rollout-prompts", "8",
-           "--eval-prompts", "16", "--eval-every", "1", "--output-dir", str(out)]
+           "--eval-prompts", "16", "--output-dir", str(out), *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_smoke_run(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(out, "--eval-every", "1")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     splits = [s for s in common.SYNTHETIC_SPLITS if s != "train"]
     assert {r["step"] for r in rows} == {0, 1, 2}
@@ -189,3 +196,27 @@ def test_smoke_run(tmp_path):
         assert {"gold_reward", "worst_domain_gold_reward", "domain_gold_reward"} <= r.keys()
     assert os.path.exists(out / "model" / "config.json") and not os.path.exists(str(out / "model") + ".tmp")
     assert "gold_reward after 2 PPO iterations" in proc.stdout
+
+
+def test_script_rho_zero_equals_erm(tmp_path):
+    """End to end: --dro.rho 0 trains exactly the model that plain PPO (--dro.kind erm) trains."""
+    from safetensors.torch import load_file
+
+    run_script(tmp_path / "rho0", "--dro.kind", "tv", "--dro.rho", "0", "--eval-prompts", "4")
+    run_script(tmp_path / "erm", "--dro.kind", "erm", "--eval-prompts", "4")
+    a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("rho0", "erm"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_smoke_run_with_reward_model(tmp_path):
+    """Training on a learned reward model (a random tiny one here): eval also reports its score and the gap to gold."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = common.tiny_tokenizer()
+    rm = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
+    common.save_atomically(rm, tok, str(tmp_path / "rm"))
+    run_script(tmp_path / "run", "--reward-model-path", str(tmp_path / "rm"), "--eval-prompts", "8")
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    for r in rows:
+        assert {"gold_reward", "kl", "reward_model_score", "domain_reward_model_score", "reward_gap"} <= r.keys()
+        assert r["reward_gap"] == pytest.approx(r["reward_model_score"] - r["gold_reward"])
