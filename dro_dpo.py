@@ -75,7 +75,7 @@ class Args:
     """a Hugging Face causal LM; default: a tiny Llama built from a config"""
     sft_steps: Optional[int] = None
     """supervised warm start on both responses of the training pairs before DPO (the reference is the
-    warm-started model); default: 300 for the tiny model, 0 for --model-name-or-path"""
+    warm-started model); default: 500 for the tiny model, 0 for --model-name-or-path"""
     sft_learning_rate: float = 3e-3
     """learning rate of the warm start"""
     dro: common.DROArgs = field(default_factory=common.DROArgs)
@@ -90,7 +90,7 @@ class Args:
     """pairs per optimizer step, over all processes and accumulation steps"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step and process"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     """AdamW learning rate"""
     lr_scheduler_type: str = "cosine"
     """a transformers scheduler name (linear, cosine, constant, ...)"""
@@ -129,13 +129,14 @@ def pair_logps(model, data, idx, pad_id):
 
 @torch.no_grad()
 def implicit_reward_accuracy(policy, reference, data, pad_id, beta, batch_size):
-    """Per-domain accuracy of the implicit reward: beta * log pi/ref margin of chosen over rejected > 0."""
+    """Per-domain accuracy of the implicit reward: beta * log pi/ref margin of chosen over rejected > 0 (ties: 1/2)."""
     policy.eval()
     correct = []
     for i in range(0, len(data["chosen"]), batch_size):
         idx = range(i, min(i + batch_size, len(data["chosen"])))
         (pc, pr), (rc, rr) = pair_logps(policy, data, idx, pad_id), pair_logps(reference, data, idx, pad_id)
-        correct += ((pc - rc) - (pr - rr) > 0).tolist()
+        margin = (pc - rc) - (pr - rr)
+        correct += ((margin > 0).float() + 0.5 * (margin == 0).float()).tolist()  # a tie is a coin flip
     policy.train()
     return common.domain_report(correct, data["domain"])
 
@@ -150,7 +151,7 @@ if __name__ == "__main__":
     if args.batch_size % micro_batches:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {micro_batches}")
     micro_batch_size = args.batch_size // micro_batches
-    sft_steps = args.sft_steps if args.sft_steps is not None else (0 if args.model_name_or_path else 300)
+    sft_steps = args.sft_steps if args.sft_steps is not None else (0 if args.model_name_or_path else 500)
     run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or f"runs/{run_name}"
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")

@@ -142,8 +142,8 @@ class Args:
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real (mask == 1) position of each row, whatever the padding side."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    return (positions * mask.long()).argmax(1)
+    idx = torch.arange(mask.shape[1], device=mask.device)
+    return (idx * mask.long()).argmax(1)
 
 
 def last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ def last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from log-probabilities of tokens sampled from pi; never negative."""
-    d = (ref_logprobs - logprobs).double()  # float64: exp(d) stays finite for any d a sampled token can have
+    d = (ref_logprobs - logprobs).double()  # float64: no cancellation in exp(d) - 1 - d near d = 0
     kl = torch.expm1(d) - d if estimator == "k3" else 0.5 * d.square()
     return kl.clamp(min=0.0).to(logprobs.dtype)  # exact maths is >= 0; the clamp removes rounding below 0
 
