@@ -20,11 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = ["erm:0", "tv:0.1", "tv:0.3", "chi2:0.25", "chi2:0.5", "chi2:1", "kl:0.5", "cvar:1"]
 
 
-def run(kind, rho, seed, steps, script, extra):
+def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps"):
     out = os.path.join(ROOT, "runs", f"sweep_{os.path.basename(script)[:-3]}", f"{kind}{rho}_s{seed}_n{steps}")
     if not os.path.exists(os.path.join(out, "args.json")):
         cmd = [sys.executable, os.path.join(ROOT, script), "--dro.kind", kind, "--dro.rho", rho, "--seed", str(seed),
-               "--total-steps", str(steps), "--output-dir", out, "--no-save-model", *extra]
+               steps_flag, str(steps), "--output-dir", out, "--no-save-model", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -42,13 +42,14 @@ if __name__ == "__main__":
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--script", default="dro_reward.py")
+    p.add_argument("--steps-flag", default="--total-steps", help="the script's budget flag (dro_ppo.py: --num-updates)")
     p.add_argument("--metric", default="accuracy")
     p.add_argument("--splits", nargs="+", default=["validation", "test_uniform"])
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the script")
     a = p.parse_args()
     jobs = [(s.split(":")[0], s.split(":")[1], seed) for s in a.settings for seed in a.seeds]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda j: run(*j, a.steps, a.script, a.extra), jobs))
+        results = list(pool.map(lambda j: run(*j, a.steps, a.script, a.extra, a.steps_flag), jobs))
     m = a.metric
     for split in a.splits:
         domains = sorted(results[0][split][f"domain_{m}"])
