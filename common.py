@@ -53,7 +53,7 @@ def robust_weights(losses: torch.Tensor, kind: str, rho: float, return_dual: boo
     if losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(f"losses must be a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
     l = losses.detach().to(torch.float64)
-    if not torch.isfinite(l).all():
+    if not math.isfinite(l.sum().item()):  # a NaN or inf anywhere makes the sum non-finite
         raise ValueError("robust_weights got a NaN or infinite loss")
     B = l.numel()
     top = l.max()
@@ -116,12 +116,11 @@ def _chi2(l, at_max, rho, iters=100):
     active = torch.ones_like(l, dtype=torch.bool)
     for _ in range(iters):
         k = active.sum().item()
-        la = l[active]
-        mean = la.mean()
+        mean = (l * active).sum() / k
         denom = c / B - 1.0 / k  # > 0: the support of q* has more than B / c losses
         if denom <= 0:
             raise RuntimeError(f"chi2 worst case: active set of {k} losses below B / c = {B / c}")
-        eta = mean - torch.sqrt(((la - mean) ** 2).sum() / denom) / k
+        eta = mean - torch.sqrt((((l - mean) * active) ** 2).sum() / denom) / k
         new_active = l > eta
         if torch.equal(new_active, active):
             break
@@ -142,10 +141,11 @@ def _kl(l, at_max, rho, iters=200):
     x = l / scale
 
     def kl_and_slope(beta):
-        q = torch.softmax(beta * x, 0)
-        mean = (q * x).sum()
-        kl = beta * mean - torch.logsumexp(beta * x, 0) + math.log(B)
-        return kl.item(), beta * ((q * (x - mean) ** 2).sum()).item()
+        e = torch.exp(beta * x)  # x <= 0 with max 0: no overflow, and the sum is >= 1
+        total = e.sum()
+        mean = (e * x).sum() / total
+        kl = beta * mean - torch.log(total) + math.log(B)
+        return kl.item(), beta * ((e * (x - mean) ** 2).sum() / total).item()
 
     lo, hi = 0.0, math.inf
     beta = math.sqrt(2.0 * rho / x.var(unbiased=False).item())  # KL ~ beta^2 Var(x) / 2 for small beta
@@ -465,72 +465,6 @@ def pad(seqs, pad_id: int, side: str = "right") -> torch.Tensor:
     width = max(map(len, seqs))
     fill = [[pad_id] * (width - len(s)) for s in seqs]
     return torch.tensor([s + f if side == "right" else f + s for s, f in zip(seqs, fill)], dtype=torch.long)
-
-
-def token_logps(model, seqs, prompt_lens, pad_id: int, side: str = "right"):
-    """Per-token log-probabilities of `seqs` (lists of ids) under a causal LM, and the mask of completion
-    tokens (after the prompt, not padding). Masks and positions come from the lengths, so the result is the
-    same with any amount of padding on either side, and a pad id equal to EOS is harmless."""
-    ids = pad(seqs, pad_id, side).to(next(model.parameters()).device)
-    lengths = torch.tensor([len(s) for s in seqs], device=ids.device)
-    pos = torch.arange(ids.shape[1], device=ids.device)
-    start = ids.shape[1] - lengths if side == "left" else torch.zeros_like(lengths)
-    attention = (pos >= start[:, None]) & (pos < (start + lengths)[:, None])
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attention.long(), position_ids=position_ids).logits[:, :-1].float()
-    labels = ids[:, 1:, None]
-    logps = torch.gather(logits, 2, labels).squeeze(-1) - torch.logsumexp(logits, -1)
-    completion = attention[:, 1:] & (pos[1:] >= (start + torch.as_tensor(prompt_lens, device=ids.device))[:, None])
-    return logps * completion, completion
-
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from tokens sampled from the policy: exp(d) - 1 - d with
-    d = ref_logp - logp (Schulman's k3). Unbiased, and never negative, unlike the plain difference."""
-    d = ref_logp - logp
-    return torch.expm1(d) - d
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float = 1.0, batch_size: int = 256):
-    """Sampled (temperature > 0) or greedy responses to prompt strings. Returns the prompt ids and the response
-    ids cut after the first EOS, and whether each response ended (produced an EOS) within max_new_tokens."""
-    prompt_ids, responses, ended = [], [], []
-    for i in range(0, len(prompts), batch_size):
-        batch = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[i: i + batch_size]]
-        if tokenizer.bos_token_id is not None:
-            batch = [[tokenizer.bos_token_id] + b for b in batch]
-        ids = pad(batch, tokenizer.pad_token_id, side="left").to(next(model.parameters()).device)
-        out = model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:].tolist()
-        for p, r in zip(batch, out):
-            cut = r.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in r else len(r)
-            prompt_ids.append(p)
-            responses.append(r[:cut])
-            ended.append(cut < len(r) or r[-1:] == [tokenizer.eos_token_id])
-    return prompt_ids, responses, ended
-
-
-@torch.no_grad()
-def evaluate_generations(policy, reference, tokenizer, prompts, domains, max_new_tokens: int,
-                         temperature: float = 1.0, batch_size: int = 256) -> dict:
-    """Sample a response per prompt; per-domain mean gold reward (embedded task) and the mean KL to the
-    reference on those samples (k3 estimate summed over the response tokens)."""
-    policy.eval()
-    prompt_ids, responses, _ = generate(policy, tokenizer, prompts, max_new_tokens, temperature, batch_size)
-    seqs = [p + r for p, r in zip(prompt_ids, responses)]
-    lens = [len(p) for p in prompt_ids]
-    kl = []
-    for i in range(0, len(seqs), batch_size):
-        logp, mask = token_logps(policy, seqs[i: i + batch_size], lens[i: i + batch_size], tokenizer.pad_token_id)
-        ref_logp, _ = token_logps(reference, seqs[i: i + batch_size], lens[i: i + batch_size], tokenizer.pad_token_id)
-        kl += (kl_k3(logp, ref_logp) * mask).sum(-1).tolist()
-    policy.train()
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    gold = [synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)]
-    return {**domain_report(gold, domains, "gold_reward"), "kl": sum(kl) / len(kl)}
 
 
 # ----------------------------------------------------------------------------------------------

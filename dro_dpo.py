@@ -120,10 +120,27 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return -F.logsigmoid(beta * logits)
 
 
+def token_logps(model, seqs, prompt_lens, pad_id: int, side: str = "right"):
+    """Per-token log-probabilities of `seqs` (lists of ids) under a causal LM, and the mask of completion
+    tokens (after the prompt, not padding). Masks and positions come from the lengths, so the result is the
+    same with any amount of padding on either side, and a pad id equal to EOS is harmless."""
+    ids = common.pad(seqs, pad_id, side).to(next(model.parameters()).device)
+    lengths = torch.tensor([len(s) for s in seqs], device=ids.device)
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    start = ids.shape[1] - lengths if side == "left" else torch.zeros_like(lengths)
+    attention = (pos >= start[:, None]) & (pos < (start + lengths)[:, None])
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention.long(), position_ids=position_ids).logits[:, :-1].float()
+    labels = ids[:, 1:, None]
+    logps = torch.gather(logits, 2, labels).squeeze(-1) - torch.logsumexp(logits, -1)
+    completion = attention[:, 1:] & (pos[1:] >= (start + torch.as_tensor(prompt_lens, device=ids.device))[:, None])
+    return logps * completion, completion
+
+
 def pair_logps(model, data, idx, pad_id):
     """Summed completion log-probs of the chosen and rejected responses of rows `idx`, in one forward."""
     seqs = [data["chosen"][i] for i in idx] + [data["rejected"][i] for i in idx]
-    logps, _ = common.token_logps(model, seqs, [data["prompt_len"][i] for i in idx] * 2, pad_id)
+    logps, _ = token_logps(model, seqs, [data["prompt_len"][i] for i in idx] * 2, pad_id)
     return logps.sum(-1).split(len(idx))
 
 
@@ -139,6 +156,55 @@ def implicit_reward_accuracy(policy, reference, data, pad_id, beta, batch_size):
         correct += ((margin > 0).float() + 0.5 * (margin == 0).float()).tolist()  # a tie is a coin flip
     policy.train()
     return common.domain_report(correct, data["domain"])
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from tokens sampled from the policy: exp(d) - 1 - d with
+    d = ref_logp - logp (Schulman's k3). Unbiased, and never negative, unlike the plain difference."""
+    d = ref_logp - logp
+    return torch.expm1(d) - d
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float = 1.0, batch_size: int = 256):
+    """Sampled (temperature > 0) or greedy responses to prompt strings. Returns the prompt ids and the response
+    ids cut after the first EOS, and whether each response ended (produced an EOS) within max_new_tokens."""
+    prompt_ids, responses, ended = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        batch = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[i: i + batch_size]]
+        if tokenizer.bos_token_id is not None:
+            batch = [[tokenizer.bos_token_id] + b for b in batch]
+        ids = common.pad(batch, tokenizer.pad_token_id, side="left").to(next(model.parameters()).device)
+        out = model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
+                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:].tolist()
+        for p, r in zip(batch, out):
+            cut = r.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in r else len(r)
+            prompt_ids.append(p)
+            responses.append(r[:cut])
+            ended.append(cut < len(r) or r[-1:] == [tokenizer.eos_token_id])
+    return prompt_ids, responses, ended
+
+
+@torch.no_grad()
+def evaluate_generations(policy, reference, tokenizer, prompts, domains, max_new_tokens: int,
+                         temperature: float = 1.0, batch_size: int = 256) -> dict:
+    """Sample a response per prompt; per-domain mean gold reward (embedded task) and the mean KL to the
+    reference on those samples (k3 estimate summed over the response tokens)."""
+    policy.eval()
+    prompt_ids, responses, _ = generate(policy, tokenizer, prompts, max_new_tokens, temperature, batch_size)
+    seqs = [p + r for p, r in zip(prompt_ids, responses)]
+    lens = [len(p) for p in prompt_ids]
+    kl = []
+    for i in range(0, len(seqs), batch_size):
+        logp, mask = token_logps(policy, seqs[i: i + batch_size], lens[i: i + batch_size], tokenizer.pad_token_id)
+        ref_logp, _ = token_logps(reference, seqs[i: i + batch_size], lens[i: i + batch_size], tokenizer.pad_token_id)
+        kl += (kl_k3(logp, ref_logp) * mask).sum(-1).tolist()
+    policy.train()
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    gold = [common.synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)]
+    return {**common.domain_report(gold, domains, "gold_reward"), "kl": sum(kl) / len(kl)}
 
 
 if __name__ == "__main__":
@@ -225,7 +291,7 @@ if __name__ == "__main__":
         for step in tqdm(range(sft_steps), disable=rank != 0, desc="warm start"):
             for idx in next(sft_batches):
                 seqs = [train[k][i] for k in ("chosen", "rejected") for i in idx]
-                logps, mask = common.token_logps(sft_model, seqs, [train["prompt_len"][i] for i in idx] * 2, pad_id)
+                logps, mask = token_logps(sft_model, seqs, [train["prompt_len"][i] for i in idx] * 2, pad_id)
                 (-(logps.sum() / mask.sum()) / args.gradient_accumulation_steps).backward()
             sft_optimizer.step()
             sft_optimizer.zero_grad(set_to_none=True)
@@ -248,7 +314,7 @@ if __name__ == "__main__":
             report = implicit_reward_accuracy(policy, reference, data, pad_id, args.beta, args.eval_batch_size)
             if args.eval_generations and rows[0]["prompt"].partition(":")[0] in ("copy", "reverse", "say", "add"):
                 sample = rows.select(range(min(args.eval_generations, len(rows))))
-                report.update(common.evaluate_generations(policy, reference, tokenizer, sample["prompt"], sample["domain"],
+                report.update(evaluate_generations(policy, reference, tokenizer, sample["prompt"], sample["domain"],
                                                           args.max_new_tokens, args.temperature, args.eval_batch_size))
             common.log_eval(writer, metrics_path, step, split, report)
             results[split] = report

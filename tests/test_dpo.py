@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
-from dro_dpo import dpo_loss, pair_logps
+from dro_dpo import dpo_loss, pair_logps, token_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,11 +40,11 @@ def test_dpo_loss_matches_the_formula():
 def test_logps_sum_completion_tokens_only_and_ignore_padding(setup):
     tok, policy, data = setup
     seqs, plens = data["chosen"][:4], data["prompt_len"][:4]
-    right, mask = common.token_logps(policy, seqs, plens, tok.pad_token_id, side="right")
+    right, mask = token_logps(policy, seqs, plens, tok.pad_token_id, side="right")
     assert mask.sum(-1).tolist() == [len(s) - p for s, p in zip(seqs, plens)]  # response tokens + EOS
     longer = seqs + [max(data["chosen"], key=len) * 2]  # more padding for the first four
     for side in ("right", "left"):
-        lp, _ = common.token_logps(policy, longer, plens + [3], tok.pad_token_id, side=side)
+        lp, _ = token_logps(policy, longer, plens + [3], tok.pad_token_id, side=side)
         torch.testing.assert_close(lp[:4].sum(-1), right.sum(-1), rtol=1e-5, atol=1e-5)
     # by hand: log-softmax of the unpadded sequence at each response position
     ids = torch.tensor([seqs[0]])
