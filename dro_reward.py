@@ -106,12 +106,12 @@ def bt_scores(model, chosen, rejected, pad_id):
 
 @torch.no_grad()
 def evaluate(model, data, pad_id, batch_size):
-    """Per-domain accuracy r(chosen) > r(rejected)."""
+    """Per-domain accuracy r(chosen) > r(rejected) (a tie counts 1/2)."""
     model.eval()
     correct = []
     for i in range(0, len(data["chosen"]), batch_size):
         r_c, r_r = bt_scores(model, data["chosen"][i: i + batch_size], data["rejected"][i: i + batch_size], pad_id)
-        correct += (r_c > r_r).tolist()
+        correct += ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).tolist()
     model.train()
     return common.domain_report(correct, data["domain"])
 
