@@ -5,8 +5,8 @@
 Same tiny Llama (same initial weights), same 1,280 synthetic pairs, batch 64, fp32, the reference model in
 memory, AdamW at the same learning rate, on the CPU. Each measurement runs in a fresh subprocess, ours and
 TRL's alternating (3 rounds), so machine noise hits both alike. Reported: training pairs per second (median
-over rounds; TRL's own train_runtime, data already tokenized) and the peak resident memory growth during
-training. Then the robust/ERM step-time ratio of dro_dpo.py for each kind, kinds in alternation, 3 rounds.
+over rounds; TRL's own train_runtime, data already tokenized) and the growth of the peak resident memory
+during training, counted from after one warm-up step for both (CPU memory: a coarse measure). Then the robust/ERM step-time ratio of dro_dpo.py for each kind, kinds in alternation, 3 rounds.
 """
 
 import json
@@ -53,8 +53,10 @@ def ours(kind="erm", rho=0.0):
     data = common.tokenize_preferences(rows, tok, 64, "synthetic")
     opt = torch.optim.AdamW(policy.parameters(), lr=LR)
     n, dro = len(data["chosen"]), common.DROArgs(kind, rho)
-    base, t = rss_mb(), time.perf_counter()
-    for step in range(STEPS):
+    base, t = None, None
+    for step in range(-1, STEPS):  # step -1 warms up; memory and time count from step 0
+        if step == 0:
+            base, t = rss_mb(), time.perf_counter()
         idx = [(step * BATCH + i) % n for i in range(BATCH)]
         pc, pr = pair_logps(policy, data, idx, tok.pad_token_id)
         with torch.no_grad():
@@ -74,12 +76,17 @@ def trl():
     rows = rows.remove_columns(["domain", "row"])
     rows = rows.select([i % len(rows) for i in range(STEPS * BATCH)])
     with tempfile.TemporaryDirectory() as out:
-        config = DPOConfig(output_dir=out, per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=LR, beta=BETA,
-                           lr_scheduler_type="constant", warmup_steps=0, max_length=64, logging_steps=10_000,
-                           save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0)
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=rows, processing_class=tok)
+        def trainer(steps):
+            config = DPOConfig(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+                               beta=BETA, lr_scheduler_type="constant", warmup_steps=0, max_length=64,
+                               logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True,
+                               dataloader_num_workers=0, seed=0)
+            return DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=rows, processing_class=tok)
+
+        trainer(1).train()  # warm-up step, as for ours
+        timed = trainer(STEPS)
         base = rss_mb()
-        metrics = trainer.train().metrics
+        metrics = timed.train().metrics
     return STEPS * BATCH / metrics["train_runtime"], base
 
 
