@@ -330,12 +330,12 @@ if __name__ == "__main__":
         mine = [i for idx in micros for i in idx]
 
         def losses_of(idx, module):
-            pc, pr = pair_logps(module, train, idx, pad_id)
             if args.precompute_ref_logps:
                 rc, rr = ref_logps[idx].to(device).unbind(1)
-            else:
+            else:  # the reference first: its temporaries are freed before the policy's graph is built
                 with torch.no_grad():
                     rc, rr = pair_logps(reference, train, idx, pad_id)
+            pc, pr = pair_logps(module, train, idx, pad_id)
             return dpo_loss(pc, pr, rc, rr, args.beta), args.beta * (pc - rc).detach(), args.beta * (pr - rr).detach()
 
         # 1. The worst-case weights of the global batch, from detached per-pair losses (with accumulation,

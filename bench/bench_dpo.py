@@ -58,9 +58,9 @@ def ours(kind="erm", rho=0.0):
         if step == 0:
             base, t = rss_mb(), time.perf_counter()
         idx = [(step * BATCH + i) % n for i in range(BATCH)]
-        pc, pr = pair_logps(policy, data, idx, tok.pad_token_id)
         with torch.no_grad():
             rc, rr = pair_logps(ref, data, idx, tok.pad_token_id)
+        pc, pr = pair_logps(policy, data, idx, tok.pad_token_id)
         losses = dpo_loss(pc, pr, rc, rr, BETA)
         w, _ = common.robust_pair_weights(losses.detach(), torch.tensor([data["group"][i] for i in idx]), dro)
         (w * losses).sum().backward()

@@ -1,9 +1,10 @@
-"""Run dro_reward.py over kinds, radii and seeds on the embedded benchmark and print the results tables.
+"""Run a script over kinds, radii and seeds on the embedded benchmark and print the results tables.
 
-    python bench/sweep_reward.py                      # the README table (about 20 min on 2 cores)
-    python bench/sweep_reward.py --steps 3200 --settings erm:0 chi2:0.5   # the 4x budget check
+    python bench/sweep_reward.py                      # the reward-model table (about 30 min on 2 cores)
+    python bench/sweep_reward.py --steps 4000 --settings erm:0 chi2:0.5   # its 4x budget check
+    python bench/sweep_reward.py --script dro_dpo.py --steps 600 --settings erm:0 chi2:0.5 chi2:1 --metric gold_reward
 
-Runs go to runs/sweep_reward/<kind><rho>_s<seed>; finished runs are reused. Two runs at a time,
+Runs go to runs/sweep_<script>/<kind><rho>_s<seed>_n<steps>; finished runs are reused. Two runs at a time,
 one thread each. Prints, for each setting, mean +- std over seeds of the per-domain accuracy on the
 in-distribution validation split (used to choose the default) and on the shifted test_uniform split.
 """
@@ -33,6 +34,7 @@ def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps"):
 
 
 def fmt(values, pct=100.0):
+    """mean ± std over seeds, in % for accuracies and gold rewards (gold rewards lie in [0, 1])"""
     return f"{pct * statistics.mean(values):.1f} ± {pct * statistics.stdev(values):.1f}" if len(values) > 1 else f"{pct * values[0]:.1f}"
 
 
@@ -54,10 +56,12 @@ if __name__ == "__main__":
     for split in a.splits:
         domains = sorted(results[0][split][f"domain_{m}"])
         print(f"\n{split} ({a.steps} steps, seeds {a.seeds}): {m}, mean ± std over seeds")
-        print("| setting | " + " | ".join(domains) + " | mean | worst |")
-        print("|---" * (len(domains) + 3) + "|")
+        has_kl = "kl" in results[0][split]
+        print("| setting | " + " | ".join(domains) + " | mean | worst |" + (" KL to ref |" if has_kl else ""))
+        print("|---" * (len(domains) + 3 + has_kl) + "|")
         for s in a.settings:
             rs = [r[split] for (kind, rho, _), r in zip(jobs, results) if f"{kind}:{rho}" == s]
             cells = [fmt([r[f"domain_{m}"][d] for r in rs]) for d in domains]
             means = [statistics.mean(r[f"domain_{m}"].values()) for r in rs]
-            print(f"| {s} | " + " | ".join(cells) + f" | {fmt(means)} | {fmt([r[f'worst_domain_{m}'] for r in rs])} |")
+            kl = f" {fmt([r['kl'] for r in rs], pct=1.0)} |" if has_kl else ""
+            print(f"| {s} | " + " | ".join(cells) + f" | {fmt(means)} | {fmt([r[f'worst_domain_{m}'] for r in rs])} |" + kl)
