@@ -269,6 +269,7 @@ if __name__ == "__main__":
         policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     policy.config.pad_token_id = pad_id
     policy.to(device)
+    model = DDP(policy) if distributed else policy  # one wrapper for the warm start and DPO
     if rank == 0:
         print(f"{run_name}: {n_train} training pairs, {sum(p.numel() for p in policy.parameters()):,} parameters, "
               f"{world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {micro_batch_size}")
@@ -286,16 +287,15 @@ if __name__ == "__main__":
     # Supervised warm start: imitate both responses of each pair, like a base model that could have sampled them
     if sft_steps:
         sft_optimizer = torch.optim.AdamW(policy.parameters(), lr=args.sft_learning_rate)
-        sft_model = DDP(policy) if distributed else policy
         sft_batches = batches(args.seed + 10_000)
         for step in tqdm(range(sft_steps), disable=rank != 0, desc="warm start"):
             for idx in next(sft_batches):
                 seqs = [train[k][i] for k in ("chosen", "rejected") for i in idx]
-                logps, mask = token_logps(sft_model, seqs, [train["prompt_len"][i] for i in idx] * 2, pad_id)
+                logps, mask = token_logps(model, seqs, [train["prompt_len"][i] for i in idx] * 2, pad_id)
                 (-(logps.sum() / mask.sum()) / args.gradient_accumulation_steps).backward()
             sft_optimizer.step()
             sft_optimizer.zero_grad(set_to_none=True)
-        del sft_optimizer, sft_model
+        del sft_optimizer
 
     # The frozen reference: the policy DPO starts from
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -303,7 +303,6 @@ if __name__ == "__main__":
         with torch.no_grad():
             ref_logps = torch.cat([torch.stack(pair_logps(reference, train, range(i, min(i + 256, n_train)), pad_id), 1)
                                    for i in range(0, n_train, 256)])
-    model = DDP(policy) if distributed else policy
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=args.total_steps)
