@@ -209,7 +209,6 @@ SYNTHETIC_SPLITS = {  # split -> (mixture, number of rows, seed offset)
     "test_uniform": ({d: 0.25 for d in SYNTHETIC_DOMAINS}, 2000, 3),  # shifted: every domain equally
     "test_minority": ({"chat": 0.05, "safety": 0.10, "chat_hard": 0.30, "reasoning": 0.55}, 2000, 4),
 }
-OOD_SPLITS = ("test_uniform", "test_minority")
 SHORTCUT = "!"
 """The shortcut marker: ends one response of each pair. It sits on the chosen response 90% of the time in
 the majority domains and 50% (no information) in the minority ones; the gold reward ignores it."""
