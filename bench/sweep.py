@@ -1,10 +1,10 @@
 """Run a script over kinds, radii and seeds on the embedded benchmark and print the results tables.
 
-    python bench/sweep_reward.py                      # the reward-model table (about 30 min on 2 cores)
-    python bench/sweep_reward.py --steps 4000 --settings erm:0 chi2:0.5   # its 4x budget check
-    python bench/sweep_reward.py --script dro_dpo.py --steps 600 --settings erm:0 chi2:0.5 chi2:1 --metric gold_reward
+    python bench/sweep.py                      # the reward-model table (about 30 min on 2 cores)
+    python bench/sweep.py --steps 4000 --settings erm:0 chi2:0.5   # its 4x budget check
+    python bench/sweep.py --script dro_dpo.py --steps 600 --settings erm:0 chi2:0.5 chi2:1 --metric gold_reward
 
-Runs go to runs/sweep_<script>/<kind><rho>_s<seed>_n<steps>; finished runs are reused. Two runs at a time,
+Runs go to runs/sweep_<script>[_<tag>]/<kind><rho>_s<seed>_n<steps>; finished runs are reused. Two runs at a time,
 one thread each. Prints, for each setting, mean +- std over seeds of the per-domain accuracy on the
 in-distribution validation split (used to choose the default) and on the shifted test_uniform split.
 """
@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = ["erm:0", "tv:0.1", "tv:0.3", "chi2:0.25", "chi2:0.5", "chi2:1", "kl:0.5", "cvar:1"]
 
 
-def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps"):
-    out = os.path.join(ROOT, "runs", f"sweep_{os.path.basename(script)[:-3]}", f"{kind}{rho}_s{seed}_n{steps}")
+def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag=""):
+    folder = f"sweep_{os.path.basename(script)[:-3]}" + (f"_{tag}" if tag else "")
+    out = os.path.join(ROOT, "runs", folder, f"{kind}{rho}_s{seed}_n{steps}")
     if not os.path.exists(os.path.join(out, "args.json")):
         cmd = [sys.executable, os.path.join(ROOT, script), "--dro.kind", kind, "--dro.rho", rho, "--seed", str(seed),
                steps_flag, str(steps), "--output-dir", out, "--no-save-model", *extra]
@@ -47,11 +48,12 @@ if __name__ == "__main__":
     p.add_argument("--steps-flag", default="--total-steps", help="the script's budget flag (dro_ppo.py: --num-updates)")
     p.add_argument("--metric", default="accuracy")
     p.add_argument("--splits", nargs="+", default=["validation", "test_uniform"])
+    p.add_argument("--tag", default="", help="suffix of the runs folder: give one per set of --extra flags")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the script")
     a = p.parse_args()
     jobs = [(s.split(":")[0], s.split(":")[1], seed) for s in a.settings for seed in a.seeds]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda j: run(*j, a.steps, a.script, a.extra, a.steps_flag), jobs))
+        results = list(pool.map(lambda j: run(*j, a.steps, a.script, a.extra, a.steps_flag, a.tag), jobs))
     m = a.metric
     for split in a.splits:
         domains = sorted(results[0][split][f"domain_{m}"])
