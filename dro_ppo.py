@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, get_scheduler
 
 import common
 
@@ -85,7 +85,7 @@ class Args:
     sft_batch_size: int = 64
     """sequences per warm-start step"""
     sft_learning_rate: float = 3e-3
-    """AdamW learning rate of the warm start"""
+    """AdamW peak learning rate of the warm start (cosine decay to 0)"""
 
     dro: common.DROArgs = field(default_factory=lambda: common.DROArgs(kind="tv", rho=0.2))
     """the ambiguity set over the prompts of a rollout batch (weights from their negated KL-regularised returns)"""
@@ -328,6 +328,7 @@ if __name__ == "__main__":
     # next-token loss on the chosen responses (+ EOS) of the training prompts. The reference is its result.
     if sft_steps:
         sft_opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_learning_rate)
+        sft_scheduler = get_scheduler("cosine", sft_opt, num_warmup_steps=0, num_training_steps=sft_steps)
         for step in tqdm(range(sft_steps), desc="warm start"):
             idx = random.sample(range(len(train["ids"])), args.sft_batch_size)
             seqs = [train["ids"][i] + train["chosen"][i] + [eos_id] for i in idx]
@@ -339,6 +340,7 @@ if __name__ == "__main__":
                 raise FloatingPointError(f"warm-start step {step}: the loss is {loss.item()}")
             loss.backward()
             sft_opt.step()
+            sft_scheduler.step()
             sft_opt.zero_grad(set_to_none=True)
             writer.add_scalar("losses/sft_loss", loss.item(), step)
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
