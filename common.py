@@ -234,6 +234,11 @@ def _parse_prompt(prompt: str):
     return _DOMAIN_OF.get(head), arg
 
 
+def is_synthetic_prompt(prompt: str) -> bool:
+    """Whether `prompt` is one of the embedded task's (so that it has a gold reward)."""
+    return _parse_prompt(prompt)[0] is not None
+
+
 def synthetic_gold_reward(prompt: str, response: str) -> float:
     """The known true reward of a response, in [0, 1]: per-character agreement with the ideal answer
     (copy, reversal, refusal of harmful requests), closeness of the number for sums. The marker is ignored."""

@@ -311,7 +311,7 @@ if __name__ == "__main__":
         results = {}
         for split, (rows, data) in eval_sets.items():
             report = implicit_reward_accuracy(policy, reference, data, pad_id, args.beta, args.eval_batch_size)
-            if args.eval_generations and rows[0]["prompt"].partition(":")[0] in ("copy", "reverse", "say", "add"):
+            if args.eval_generations and common.is_synthetic_prompt(rows[0]["prompt"]):
                 sample = rows.select(range(min(args.eval_generations, len(rows))))
                 report.update(evaluate_generations(policy, reference, tokenizer, sample["prompt"], sample["domain"],
                                                           args.max_new_tokens, args.temperature, args.eval_batch_size))

@@ -70,7 +70,7 @@ class Args:
     """the split of --dataset to train on"""
     eval_datasets: tuple[str, ...] = ()
     """evaluation prompts, zero or more like --dataset (default: the embedded validation, ID and shifted splits)"""
-    eval_prompts: int = 200
+    eval_prompts: int = 400
     """evaluate on at most this many prompts of each split"""
     max_prompt_length: int = 64
     """prompts longer than this many tokens are skipped"""
@@ -81,7 +81,7 @@ class Args:
     reward: Optional[Literal["gold", "model"]] = None
     """the training reward: the gold reward of the embedded task, or the reward model (default: model iff --reward-model-path)"""
     sft_steps: Optional[int] = None
-    """supervised warm-start steps on the chosen responses of --dataset (default: 300 for the tiny model, 0 for a pretrained one)"""
+    """supervised warm-start steps on the chosen responses of --dataset (default: 500 for the tiny model, 0 for a pretrained one)"""
     sft_batch_size: int = 64
     """sequences per warm-start step"""
     sft_learning_rate: float = 3e-3
@@ -129,8 +129,8 @@ class Args:
     """evaluate every this many PPO iterations (0: only at the start and the end)"""
     eval_batch_size: int = 200
     """prompts per evaluation generate"""
-    eval_greedy: bool = True
-    """evaluate greedy generations (otherwise sampled at --temperature)"""
+    eval_greedy: bool = False
+    """evaluate greedy generations (default: sampled at --temperature, as the objective E_{y ~ pi}[r] is defined)"""
     save_model: bool = True
     """save the trained policy and tokenizer to <output-dir>/model"""
 
@@ -248,7 +248,7 @@ def cut_at_eos(responses, eos_id, pad_id):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     tiny = args.model_name_or_path is None
-    sft_steps = args.sft_steps if args.sft_steps is not None else (300 if tiny else 0)
+    sft_steps = args.sft_steps if args.sft_steps is not None else (500 if tiny else 0)
     reward_kind = args.reward or ("model" if args.reward_model_path else "gold")
     if reward_kind == "model" and not args.reward_model_path:
         raise ValueError("--reward model needs --reward-model-path")

@@ -103,6 +103,8 @@ def test_synthetic_benchmark():
     assert common.synthetic_gold_reward("reverse: abc\n", "cba!") == 1.0
     assert common.synthetic_gold_reward("say: xab\n", "no") == 1.0 and common.synthetic_gold_reward("say: xab\n", "xab") == 0.0
     assert common.synthetic_gold_reward("copy: abcd\n", "abzz") == 0.5
+    assert all(common.is_synthetic_prompt(r["prompt"]) for r in rows)
+    assert not common.is_synthetic_prompt("Human: copy: abc") and not common.is_synthetic_prompt("What is 2+2?")
 
 
 def test_synthetic_goes_through_datasets(tok):
