@@ -40,8 +40,10 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, get_scheduler
@@ -92,7 +94,7 @@ class Args:
     num_updates: int = 60
     """number of PPO iterations (rollout batch + PPO epochs)"""
     rollout_prompts: int = 64
-    """prompts per rollout batch"""
+    """prompts per rollout batch (over all processes under torchrun)"""
     samples_per_prompt: int = 2
     """sampled responses per prompt (their mean return is the prompt's return)"""
     num_ppo_epochs: int = 4
@@ -175,9 +177,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+    """Whiten x over its masked positions; under torch.distributed over those of all processes."""
+    moments = torch.stack([mask.sum(), (x * mask).sum(), (x.square() * mask).sum()]).double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(moments)
+    mean = moments[1] / moments[0]
+    var = moments[2] / moments[0] - mean.square()
+    return ((x - mean) * torch.rsqrt(var + 1e-8) * mask).to(x.dtype)
 
 
 def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, weights=None,
@@ -254,27 +260,35 @@ if __name__ == "__main__":
         raise ValueError("--reward model needs --reward-model-path")
     if reward_kind == "gold" and args.dataset != "synthetic":
         raise ValueError("the gold reward exists only for the embedded task; pass --reward-model-path")
-    batch_size = args.rollout_prompts * args.samples_per_prompt
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if args.rollout_prompts % world:
+        raise ValueError(f"--rollout-prompts {args.rollout_prompts} must be divisible by the {world} processes")
+    local_prompts = args.rollout_prompts // world  # each process generates for its shard of the rollout batch
+    batch_size = local_prompts * args.samples_per_prompt
     if batch_size % args.num_minibatches:
-        raise ValueError(f"rollout batch {batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
+        raise ValueError(f"rollouts per process {batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
     minibatch_size = batch_size // args.num_minibatches
     run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or f"runs/{run_name}"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 
-    # Tracking
-    os.makedirs(output_dir, exist_ok=True)
-    if args.track:
-        import wandb
+    # Tracking (rank 0 only)
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        if args.track:
+            import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(output_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    open(metrics_path, "w").close()
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        writer = SummaryWriter(output_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        open(metrics_path, "w").close()
 
-    # Seeding
+    # Seeding: the same initialisation, warm start and prompt order on every rank (each takes its own shard)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -329,7 +343,7 @@ if __name__ == "__main__":
     if sft_steps:
         sft_opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_learning_rate)
         sft_scheduler = get_scheduler("cosine", sft_opt, num_warmup_steps=0, num_training_steps=sft_steps)
-        for step in tqdm(range(sft_steps), desc="warm start"):
+        for step in tqdm(range(sft_steps), disable=rank != 0, desc="warm start"):
             idx = random.sample(range(len(train["ids"])), args.sft_batch_size)
             seqs = [train["ids"][i] + train["chosen"][i] + [eos_id] for i in idx]
             ids = common.pad(seqs, pad_id).to(device)
@@ -342,13 +356,18 @@ if __name__ == "__main__":
             sft_opt.step()
             sft_scheduler.step()
             sft_opt.zero_grad(set_to_none=True)
-            writer.add_scalar("losses/sft_loss", loss.item(), step)
-    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+            if rank == 0:
+                writer.add_scalar("losses/sft_loss", loss.item(), step)
     critic = Critic(policy).to(device)
+    # Under torchrun the DDP wrappers (used for the training forwards) start all ranks from rank 0's weights
+    policy_ddp, critic_ddp = (DDP(policy), DDP(critic)) if distributed else (policy, critic)
+    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},
                                    {"params": critic.parameters(), "lr": args.value_learning_rate}])
-    print(f"{run_name}: {len(train['ids'])} training prompts, {sum(p.numel() for p in policy.parameters()):,} policy "
-          f"parameters, reward: {reward_kind}, warm start: {sft_steps} steps ({time.time() - start:.0f} s)")
+    if rank == 0:
+        print(f"{run_name}: {len(train['ids'])} training prompts, {sum(p.numel() for p in policy.parameters()):,} policy "
+              f"parameters, reward: {reward_kind}, warm start: {sft_steps} steps ({time.time() - start:.0f} s), "
+              f"{world} process(es) x {local_prompts} prompts x {args.samples_per_prompt} samples per rollout batch")
 
     def rollout(prompt_ids, config):
         """Generate responses to `prompt_ids`; returns full ids, mask, response tokens, response mask, has_eos."""
@@ -399,18 +418,20 @@ if __name__ == "__main__":
             common.log_eval(writer, metrics_path, step, split, report)
         return results
 
-    initial = evaluate_all(0)
+    initial = evaluate_all(0) if rank == 0 else None
 
-    # Training loop
-    order, cursor, train_start = torch.randperm(len(train["ids"])).tolist(), 0, time.time()
+    # Training loop. The prompt order is drawn by a generator seeded alike on all ranks; sampling differs per rank.
+    order_rng = torch.Generator().manual_seed(args.seed)
+    order, cursor = torch.randperm(len(train["ids"]), generator=order_rng).tolist(), 0
+    torch.manual_seed(args.seed + rank)
     gen_time = update_time = 0.0
-    for update in tqdm(range(1, args.num_updates + 1), desc="ppo"):
+    for update in tqdm(range(1, args.num_updates + 1), disable=rank != 0, desc="ppo"):
         if cursor + args.rollout_prompts > len(order):
-            order, cursor = torch.randperm(len(train["ids"])).tolist(), 0
-        batch = order[cursor: cursor + args.rollout_prompts]
+            order, cursor = torch.randperm(len(train["ids"]), generator=order_rng).tolist(), 0
+        batch = order[cursor: cursor + args.rollout_prompts][rank * local_prompts: (rank + 1) * local_prompts]
         cursor += args.rollout_prompts
         prompt_of = [i for i in batch for _ in range(args.samples_per_prompt)]
-        groups = torch.arange(args.rollout_prompts, device=device).repeat_interleave(args.samples_per_prompt)
+        groups = (rank * local_prompts + torch.arange(local_prompts, device=device)).repeat_interleave(args.samples_per_prompt)
 
         # 1. Rollouts, scores, per-token rewards (KL penalty + score at the last real token), GAE
         t0 = time.time()
@@ -438,14 +459,15 @@ if __name__ == "__main__":
 
         # 3. PPO epochs over minibatches; each minibatch's weights are scaled by N / M so that a uniform
         #    weighting is the minibatch mean and the expected minibatch loss is the full-batch robust loss
+        #    (and by the world size: the weights of all ranks sum to 1 and DDP averages gradients over ranks)
         t0 = time.time()
         for epoch in range(args.num_ppo_epochs):
             for mb in torch.randperm(batch_size, device=device).split(minibatch_size):
-                new_logits = token_logits(policy, ids[mb], mask[mb], context_len, args.temperature)
-                new_values = critic(ids[mb], mask[mb])[:, context_len - 1: -1]
+                new_logits = token_logits(policy_ddp, ids[mb], mask[mb], context_len, args.temperature)
+                new_values = critic_ddp(ids[mb], mask[mb])[:, context_len - 1: -1]
                 pg_loss, vf_loss, ppo_stats = ppo_loss(
                     token_logprobs(new_logits, responses[mb]), logprobs[mb], advantages[mb], new_values, values[mb],
-                    returns[mb], rmask[mb], weights[mb] * batch_size / len(mb), args.cliprange, args.cliprange_value)
+                    returns[mb], rmask[mb], weights[mb] * world * batch_size / len(mb), args.cliprange, args.cliprange_value)
                 loss = pg_loss + args.vf_coef * vf_loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"update {update}: the loss is {loss.item()}; stopping before anything is saved")
@@ -465,25 +487,29 @@ if __name__ == "__main__":
                    "charts/eos_fraction": has_eos.float().mean().item(), "charts/episodes": update * batch_size,
                    "charts/generation_seconds": gen_time, "charts/update_seconds": update_time,
                    **{k: v for k, v in dro_stats.items() if not math.isnan(v)}}
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, update)
-        if args.eval_every and update % args.eval_every == 0 and update < args.num_updates:
+        if rank == 0:
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, update)
+        if rank == 0 and args.eval_every and update % args.eval_every == 0 and update < args.num_updates:
             evaluate_all(update)
 
-    # Final evaluation and save
-    results = evaluate_all(args.num_updates)
-    name = "gold_reward" if all(d["gold"] for d in eval_sets.values()) else "reward_model_score"
-    if eval_sets:
-        print(f"\n{name} at step 0 (the {'warm-started' if sft_steps else 'initial'} policy):")
-        common.print_table(initial, name=name)
-        print(f"\n{name} after {args.num_updates} PPO iterations ({time.time() - start:.0f} s in all; "
-              f"rollouts {gen_time:.0f} s, updates {update_time:.0f} s):")
-        common.print_table(results, name=name)
-        print(f"{name} (mean over prompts), step 0 -> {args.num_updates}: " + ", ".join(
-            f"{s} {initial[s][name]:.3f} -> {r[name]:.3f}" for s, r in results.items()))
-        print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
-    if args.save_model:
-        common.save_atomically(policy, tokenizer, os.path.join(output_dir, "model"))
-    with open(os.path.join(output_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, default=str, indent=1)
-    writer.close()
+    # Final evaluation and save (rank 0)
+    if distributed:
+        dist.destroy_process_group()
+    if rank == 0:
+        results = evaluate_all(args.num_updates)
+        name = "gold_reward" if all(d["gold"] for d in eval_sets.values()) else "reward_model_score"
+        if eval_sets:
+            print(f"\n{name} at step 0 (the {'warm-started' if sft_steps else 'initial'} policy):")
+            common.print_table(initial, name=name)
+            print(f"\n{name} after {args.num_updates} PPO iterations ({time.time() - start:.0f} s in all; "
+                  f"rollouts {gen_time:.0f} s, updates {update_time:.0f} s):")
+            common.print_table(results, name=name)
+            print(f"{name} (mean over prompts), step 0 -> {args.num_updates}: " + ", ".join(
+                f"{s} {initial[s][name]:.3f} -> {r[name]:.3f}" for s, r in results.items()))
+            print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
+        if args.save_model:
+            common.save_atomically(policy, tokenizer, os.path.join(output_dir, "model"))
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, default=str, indent=1)
+        writer.close()

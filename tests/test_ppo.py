@@ -177,8 +177,40 @@ def test_robust_weights_favour_low_return_prompts():
     assert torch.equal(w.view(-1, 2)[:, 0], w.view(-1, 2)[:, 1])  # rollouts of one prompt share its weight
 
 
-def run_script(out, *flags):
-    cmd = [sys.executable, os.path.join(ROOT, "dro_ppo.py"), "--sft-steps", "5", "--num-updates", "2", "--rollout-prompts", "8",
+def _whiten_and_weigh_on_rank(rank, x, mask, returns, groups, port, out):
+    """One of 2 gloo processes: whiten and weigh this rank's half of a rollout batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+    w, _ = common.robust_pair_weights(-returns[half], groups[half], common.DROArgs(kind="chi2", rho=0.5))
+    out[rank] = (dro_ppo.masked_whiten(x[half], mask[half]), w)
+    dist.destroy_process_group()
+
+
+def test_cross_process_parts_equal_one_process():
+    """Under torchrun the only cross-rank quantities of a PPO iteration are the advantage whitening and the
+    robust weights: with the rollout batch split over 2 processes they equal those of one process."""
+    import torch.multiprocessing as mp
+
+    batch = make_rollout_batch(seed=3)
+    x, mask = torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(4)), batch["mask"]
+    out = mp.Manager().dict()
+    mp.spawn(_whiten_and_weigh_on_rank, args=(x, mask, batch["returns_per_rollout"], batch["groups"], 29531, out), nprocs=2)
+    w, _ = common.robust_pair_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5))
+    torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), dro_ppo.masked_whiten(x, mask))
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), w)
+    whitened = dro_ppo.masked_whiten(x, mask)
+    assert masked_mean_all(whitened, mask) == pytest.approx(0.0, abs=1e-6)
+    assert masked_mean_all(whitened.square(), mask) == pytest.approx(1.0, abs=1e-4)
+
+
+def masked_mean_all(x, mask):
+    return ((x * mask).sum() / mask.sum()).item()
+
+
+def run_script(out, *flags, launcher=(sys.executable,)):
+    cmd = [*launcher, os.path.join(ROOT, "dro_ppo.py"), "--sft-steps", "5", "--num-updates", "2", "--rollout-prompts", "8",
            "--eval-prompts", "16", "--output-dir", str(out), *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -196,6 +228,15 @@ def test_smoke_run(tmp_path):
         assert {"gold_reward", "worst_domain_gold_reward", "domain_gold_reward"} <= r.keys()
     assert os.path.exists(out / "model" / "config.json") and not os.path.exists(str(out / "model") + ".tmp")
     assert "gold_reward after 2 PPO iterations" in proc.stdout
+
+
+def test_torchrun_two_processes(tmp_path):
+    """2 processes (gloo) each roll out half of the batch; rank 0 evaluates, logs and saves."""
+    out = tmp_path / "ddp"
+    run_script(out, "--dro.kind", "chi2", launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                   "--master_port", "29533"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert {r["step"] for r in rows} == {0, 2} and os.path.exists(out / "model" / "config.json")
 
 
 def test_script_rho_zero_equals_erm(tmp_path):
