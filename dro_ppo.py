@@ -23,7 +23,7 @@ The tiny default model is first warm-started by a few hundred steps of supervise
 chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that
 warm-started model is the reference policy, and the step-0 evaluation measures it.
 
-    python dro_ppo.py                                    # embedded task, gold reward, TV rho = 0.2
+    python dro_ppo.py                                    # embedded task, gold reward, chi2 rho = 0.5
     python dro_ppo.py --dro.kind erm                     # the plain PPO baseline
     python dro_ppo.py --reward-model-path runs/<reward run>/model   # a reward model from dro_reward.py
 """
@@ -75,7 +75,9 @@ class Args:
     eval_prompts: int = 400
     """evaluate on at most this many prompts of each split"""
     max_prompt_length: int = 64
-    """prompts longer than this many tokens are skipped"""
+    """maximum prompt length in tokens; a longer prompt is an error (prompts are never truncated)"""
+    skip_bad_rows: bool = False
+    """skip rows with a missing/empty field or a too-long prompt (counted) instead of stopping with an error"""
     model_name_or_path: Optional[str] = None
     """a Hugging Face causal LM for the policy (and reference); default: a tiny Llama"""
     reward_model_path: Optional[str] = None
@@ -89,7 +91,7 @@ class Args:
     sft_learning_rate: float = 3e-3
     """AdamW peak learning rate of the warm start (cosine decay to 0)"""
 
-    dro: common.DROArgs = field(default_factory=lambda: common.DROArgs(kind="tv", rho=0.2))
+    dro: common.DROArgs = field(default_factory=common.DROArgs)
     """the ambiguity set over the prompts of a rollout batch (weights from their negated KL-regularised returns)"""
     num_updates: int = 60
     """number of PPO iterations (rollout batch + PPO epochs)"""
@@ -101,7 +103,7 @@ class Args:
     """passes over each rollout batch"""
     num_minibatches: int = 2
     """minibatches per PPO epoch"""
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-4
     """AdamW learning rate of the policy"""
     value_learning_rate: float = 1e-3
     """AdamW learning rate of the value model (it starts from a zero head and must catch up fast)"""
@@ -303,14 +305,25 @@ if __name__ == "__main__":
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     def load_prompts(source, split, max_rows=None):
-        rows = common.load_preferences(source, split, tokenizer, max_rows=max_rows)
-        encode = lambda s: tokenizer(s, add_special_tokens=False).input_ids
-        keep = [r for r in rows if len(encode(r["prompt"])) <= args.max_prompt_length]
-        if len(keep) < len(rows):
-            print(f"{source}: skipped {len(rows) - len(keep)} prompt(s) longer than {args.max_prompt_length} tokens")
-        return {"text": [r["prompt"] for r in keep], "ids": [encode(r["prompt"]) for r in keep],
-                "chosen": [encode(r["chosen"]) for r in keep], "domain": [r["domain"] for r in keep],
-                "gold": source == "synthetic"}
+        """Tokenized prompts (never truncated: a longer one is an error, or skipped with --skip-bad-rows)."""
+        data, skipped = {"text": [], "ids": [], "chosen": [], "domain": [], "gold": source == "synthetic"}, 0
+        for r in common.load_preferences(source, split, tokenizer, args.skip_bad_rows, max_rows):
+            ids = tokenizer(r["prompt"], add_special_tokens=False).input_ids
+            if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+                ids = [tokenizer.bos_token_id] + ids
+            if len(ids) > args.max_prompt_length:
+                if not args.skip_bad_rows:
+                    raise common.DataError(f"{source}, row {r['row']}: the prompt is {len(ids)} tokens, more than "
+                                           f"--max-prompt-length {args.max_prompt_length} (raise it or pass --skip-bad-rows)")
+                skipped += 1
+                continue
+            data["text"].append(r["prompt"])
+            data["ids"].append(ids)
+            data["chosen"].append(tokenizer(r["chosen"], add_special_tokens=False).input_ids)
+            data["domain"].append(r["domain"])
+        if skipped:
+            print(f"{source}: skipped {skipped} prompt(s) longer than {args.max_prompt_length} tokens (--skip-bad-rows)")
+        return data
 
     train = load_prompts(args.dataset, args.dataset_split)
     if args.eval_datasets:
