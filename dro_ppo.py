@@ -17,7 +17,9 @@ over its response tokens and the loss is sum_i q_i * (mean surrogate of prompt i
 rollout gets q_i / K. The value loss stays a plain mean over all response tokens (it fits V^pi, which
 does not depend on q). rho = 0 (or --dro.kind erm) gives uniform weights: exactly plain PPO. Minibatches
 draw rollouts of the batch at random; their weights are scaled by N/M (rollouts per batch / per minibatch),
-so the expected minibatch loss is the full-batch robust loss.
+so the expected minibatch loss is the full-batch robust loss. Under torchrun each process generates for its
+share of the rollout prompts; the worst case (the returns are all-gathered) and the advantage whitening are
+over the global rollout batch.
 
 The tiny default model is first warm-started by a few hundred steps of supervised fine-tuning on the
 chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that

@@ -1,7 +1,7 @@
 """Cost of the robust weighting in dro_ppo.py: robust / ERM time of one PPO iteration (rollout + update).
 
     OMP_NUM_THREADS=1 python bench/bench_ppo.py                     # tiny model, default batch sizes
-    OMP_NUM_THREADS=1 python bench/bench_ppo.py --kind chi2 --rho 0.5 --iterations 20
+    OMP_NUM_THREADS=1 python bench/bench_ppo.py --kind tv --rho 0.2 --iterations 20
 
 Two identical setups (policy, reference, value model, optimizer; same initialisation) run PPO iterations
 alternately, ERM then robust, in one process, so that machine load affects both alike. An iteration is
@@ -74,8 +74,8 @@ def iteration(s, prompts, texts, dro, a, tok, gen_config):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--kind", default="tv")
-    p.add_argument("--rho", type=float, default=0.2)
+    p.add_argument("--kind", default="chi2")
+    p.add_argument("--rho", type=float, default=0.5)
     p.add_argument("--iterations", type=int, default=12, help="timed iterations per setting (after 2 warm-up ones)")
     p.add_argument("--rollout-prompts", type=int, default=64)
     p.add_argument("--samples-per-prompt", type=int, default=2)
