@@ -501,6 +501,8 @@ if __name__ == "__main__":
                    "charts/grad_norm": grad_norm.item(), "charts/response_length": rmask.sum(1).float().mean().item(),
                    "charts/eos_fraction": has_eos.float().mean().item(), "charts/episodes": update * batch_size,
                    "charts/generation_seconds": gen_time, "charts/update_seconds": update_time,
+                   # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
+                   "dro/weighted_advantage": world * (weights * masked_mean(advantages, rmask, dim=1)).sum().item(),
                    **{k: v for k, v in dro_stats.items() if not math.isnan(v)}}
         if rank == 0:
             for key, value in scalars.items():
