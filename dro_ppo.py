@@ -499,7 +499,7 @@ if __name__ == "__main__":
                    "objective/rlhf_reward": rewards.sum(1).mean().item(), "objective/robust_rlhf_reward": -dro_stats["dro/robust_loss"],
                    "losses/policy_loss": pg_loss.item(), "losses/value_loss": vf_loss.item(), **ppo_stats,
                    "charts/grad_norm": grad_norm.item(), "charts/response_length": rmask.sum(1).float().mean().item(),
-                   "charts/eos_fraction": has_eos.float().mean().item(), "charts/episodes": update * batch_size,
+                   "charts/eos_fraction": has_eos.float().mean().item(), "charts/episodes": update * batch_size * world,
                    "charts/generation_seconds": gen_time, "charts/update_seconds": update_time,
                    # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
                    "dro/weighted_advantage": world * (weights * masked_mean(advantages, rmask, dim=1)).sum().item(),
