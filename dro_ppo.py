@@ -95,6 +95,8 @@ class Args:
 
     dro: common.DROArgs = field(default_factory=common.DROArgs)
     """the ambiguity set over the prompts of a rollout batch (weights from their negated KL-regularised returns)"""
+    weights_from: Literal["returns", "values"] = "returns"
+    """a prompt's value for the worst case: the mean realised return of its rollouts, or the critic's V(x) (README)"""
     num_updates: int = 60
     """number of PPO iterations (rollout batch + PPO epochs)"""
     rollout_prompts: int = 64
@@ -468,8 +470,10 @@ if __name__ == "__main__":
             advantages = masked_whiten(advantages, rmask)
 
             # 2. The worst-case prompt weights: from the negated KL-regularised returns, grouped by prompt,
-            #    fixed for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO.
-            weights, dro_stats = common.robust_pair_weights(-rewards.sum(1), groups, args.dro)
+            #    fixed for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO. The returns of
+            #    these very rollouts pick unlucky samples (negative advantages); the critic's V(x) does not.
+            prompt_values = rewards.sum(1) if args.weights_from == "returns" else values[:, 0]
+            weights, dro_stats = common.robust_pair_weights(-prompt_values, groups, args.dro)
         gen_time += time.time() - t0
 
         # 3. PPO epochs over minibatches; each minibatch's weights are scaled by N / M so that a uniform
