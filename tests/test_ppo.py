@@ -233,8 +233,8 @@ def test_smoke_run(tmp_path):
 def test_torchrun_two_processes(tmp_path):
     """2 processes (gloo) each roll out half of the batch; rank 0 evaluates, logs and saves (weights from V(x))."""
     out = tmp_path / "ddp"
-    run_script(out, "--dro.kind", "chi2", "--weights-from", "values", launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                   "--master_port", "29533"))
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    run_script(out, "--dro.kind", "chi2", "--weights-from", "values", launcher=torchrun)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert {r["step"] for r in rows} == {0, 2} and os.path.exists(out / "model" / "config.json")
 
