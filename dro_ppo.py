@@ -12,6 +12,8 @@ responses each. For prompt i, R_i is the mean over its K rollouts of the KL-regu
 (the score minus beta times the per-token KL estimates summed over the response). The worst-case
 weights q = common.robust_weights(-R_i) put more weight on the prompts on which the policy currently
 does worst; they are computed once per rollout batch (detached) and held fixed through its PPO epochs.
+(--weights-from values uses the critic's V(x_i) instead: the realised returns of the same rollouts whose
+advantages drive the update upweight the unlucky ones; see the README for what each measured.)
 Which losses are weighted: only the policy surrogate. Each rollout's clipped PPO surrogate is averaged
 over its response tokens and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts), i.e. each
 rollout gets q_i / K. The value loss stays a plain mean over all response tokens (it fits V^pi, which
