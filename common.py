@@ -433,6 +433,14 @@ def load_preferences(source: str, split: str, tokenizer, skip_bad_rows: bool = F
     return datasets.Dataset.from_list(rows)
 
 
+def encode_prompt(tokenizer, prompt: str) -> list:
+    """Token ids of a prompt, starting with BOS when the tokenizer has one (and the text does not already)."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
 def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_rows: bool = False):
     """Token ids of prompt+chosen and prompt+rejected (each ending with EOS), the prompt length, an integer
     prompt id per row (rows that share a prompt share it) and the domain. Never truncates: a row longer than
@@ -440,9 +448,7 @@ def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_r
     prompt_id_of, out, skipped = {}, {"chosen": [], "rejected": [], "prompt_len": [], "group": [], "domain": []}, 0
     for row in ds:
         i = row["row"]  # the row of the source file, for error messages
-        prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
-        if tokenizer.bos_token_id is not None and not prompt[:1] == [tokenizer.bos_token_id]:
-            prompt = [tokenizer.bos_token_id] + prompt
+        prompt = encode_prompt(tokenizer, row["prompt"])
         seqs = [prompt + tokenizer(row[k], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                 for k in ("chosen", "rejected")]
         longest = max(map(len, seqs))

@@ -171,9 +171,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
     ids cut after the first EOS, and whether each response ended (produced an EOS) within max_new_tokens."""
     prompt_ids, responses, ended = [], [], []
     for i in range(0, len(prompts), batch_size):
-        batch = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[i: i + batch_size]]
-        if tokenizer.bos_token_id is not None:
-            batch = [[tokenizer.bos_token_id] + b for b in batch]
+        batch = [common.encode_prompt(tokenizer, p) for p in prompts[i: i + batch_size]]  # as in training
         ids = common.pad(batch, tokenizer.pad_token_id, side="left").to(next(model.parameters()).device)
         out = model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
                              do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,

@@ -314,9 +314,7 @@ if __name__ == "__main__":
         """Tokenized prompts (never truncated: a longer one is an error, or skipped with --skip-bad-rows)."""
         data, skipped = {"text": [], "ids": [], "chosen": [], "domain": [], "gold": source == "synthetic"}, 0
         for r in common.load_preferences(source, split, tokenizer, args.skip_bad_rows, max_rows):
-            ids = tokenizer(r["prompt"], add_special_tokens=False).input_ids
-            if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-                ids = [tokenizer.bos_token_id] + ids
+            ids = common.encode_prompt(tokenizer, r["prompt"])
             if len(ids) > args.max_prompt_length:
                 if not args.skip_bad_rows:
                     raise common.DataError(f"{source}, row {r['row']}: the prompt is {len(ids)} tokens, more than "

@@ -110,3 +110,17 @@ def test_synthetic_benchmark():
 def test_synthetic_goes_through_datasets(tok):
     ds = common.load_preferences("synthetic", "test_uniform", tok)
     assert type(ds).__name__ == "Dataset" and set(ds["domain"]) == set(common.SYNTHETIC_DOMAINS)
+
+
+def test_encode_prompt_adds_bos_once(tok):
+    from types import SimpleNamespace
+
+    class BosTokenizer:  # a byte tokenizer whose BOS is id 1 (chr(1))
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[ord(c) for c in text])
+
+    assert common.encode_prompt(BosTokenizer(), "ab") == [1, 97, 98]
+    assert common.encode_prompt(BosTokenizer(), "\x01ab") == [1, 97, 98]  # a template that already starts with BOS
+    assert common.encode_prompt(tok, "ab") == tok("ab", add_special_tokens=False).input_ids  # ByT5 has no BOS
