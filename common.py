@@ -5,6 +5,7 @@ embedded synthetic benchmark, preference data loading and tokenisation, the tiny
 per-domain evaluation reports. Everything else stays inside the script that uses it.
 """
 
+import itertools
 import json
 import math
 import os
@@ -14,6 +15,10 @@ from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from transformers import get_scheduler
 
 # ----------------------------------------------------------------------------------------------
 # Robust weights: the worst-case prompt distribution q* of a minibatch
@@ -36,6 +41,16 @@ class DROArgs:
             raise ValueError(f"--dro.rho must be a finite number >= 0, got {self.rho}")
         if self.kind == "tv" and self.rho > 1:
             raise ValueError(f"--dro.rho must be in [0, 1] for --dro.kind tv (a total variation), got {self.rho}")
+
+
+def check_args(args, positive=(), non_negative=()):
+    """Raise a ValueError naming the first flag of `positive` that is not > 0 or of `non_negative` that is < 0
+    (None means "not set" and passes); called in the scripts' Args.__post_init__, so tyro reports it at parse time."""
+    for names, bad, allowed in ((positive, lambda v: v <= 0, "> 0"), (non_negative, lambda v: v < 0, ">= 0")):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and (bad(value) or (isinstance(value, float) and not math.isfinite(value))):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {allowed}, got {value}")
 
 
 def robust_weights(losses: torch.Tensor, kind: str, rho: float, return_dual: bool = False):
@@ -160,39 +175,37 @@ def _kl(l, at_max, rho, iters=200):
     return q, scale.item() / beta
 
 
-def robust_pair_weights(losses: torch.Tensor, groups: torch.Tensor, dro: DROArgs):
-    """Per-pair weights of the robust loss over the prompts of the *global* batch.
+def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: DROArgs):
+    """The worst case over the prompts of the *global* batch, as a weight for each of this process's losses.
 
-    `losses` are this process's per-pair losses (detached), `groups` the integer prompt id of each pair.
-    Under torch.distributed the losses of all ranks are gathered first, so the worst case is over the
-    whole batch. A prompt's loss is the mean over its pairs, q* is computed over prompts, and each pair
-    gets q*_prompt / (number of pairs of that prompt). The weights of all ranks sum to 1.
-    Returns (weights for this rank's pairs, dict of diagnostics).
+    `losses` are this process's detached losses (one per pair or rollout), `prompt_ids` the prompt of each. Under
+    torch.distributed the losses of all ranks are gathered first, so the worst case is over the whole batch. A
+    prompt's loss is the mean of its losses, q* is computed over prompts, and each loss gets q*_prompt / (number
+    of losses of that prompt): the weights of all ranks sum to 1. Returns (weights, dict of diagnostics).
     """
     losses = losses.detach().float()
-    all_losses, all_groups, offset = losses, groups, 0
+    all_losses, all_ids, offset = losses, prompt_ids, 0
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         world, rank = dist.get_world_size(), dist.get_rank()
-        gathered_l = [torch.empty_like(losses) for _ in range(world)]
-        gathered_g = [torch.empty_like(groups) for _ in range(world)]
-        dist.all_gather(gathered_l, losses)
-        dist.all_gather(gathered_g, groups)
-        all_losses, all_groups, offset = torch.cat(gathered_l), torch.cat(gathered_g), rank * losses.numel()
-    _, inverse, counts = torch.unique(all_groups, return_inverse=True, return_counts=True)
+        gathered_losses = [torch.empty_like(losses) for _ in range(world)]
+        gathered_ids = [torch.empty_like(prompt_ids) for _ in range(world)]
+        dist.all_gather(gathered_losses, losses)
+        dist.all_gather(gathered_ids, prompt_ids)
+        all_losses, all_ids, offset = torch.cat(gathered_losses), torch.cat(gathered_ids), rank * losses.numel()
+    _, inverse, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
     prompt_losses = torch.zeros(len(counts), dtype=torch.float64, device=losses.device)
     prompt_losses.index_add_(0, inverse, all_losses.double())
     prompt_losses /= counts
     q, dual = robust_weights(prompt_losses, dro.kind, dro.rho, return_dual=True)
-    pair_w = (q / counts)[inverse]
-    B = len(q)
+    weights = (q / counts)[inverse]
     stats = {
         "dro/robust_loss": (q * prompt_losses).sum().item(),
         "dro/erm_loss": prompt_losses.mean().item(),
-        "dro/max_weight_x_B": q.max().item() * B,
-        "dro/ess_fraction": 1.0 / (q.square().sum().item() * B),
+        "dro/max_weight_x_B": q.max().item() * len(q),
+        "dro/ess_fraction": 1.0 / (q.square().sum().item() * len(q)),
         "dro/dual": dual,
     }
-    return pair_w[offset: offset + losses.numel()].to(losses.dtype), stats
+    return weights[offset: offset + losses.numel()].to(losses.dtype), stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,35 +446,26 @@ def load_preferences(source: str, split: str, tokenizer, skip_bad_rows: bool = F
     return datasets.Dataset.from_list(rows)
 
 
-def encode_prompt(tokenizer, prompt: str) -> list:
-    """Token ids of a prompt, starting with BOS when the tokenizer has one (and the text does not already)."""
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
-
-
 def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_rows: bool = False):
-    """Token ids of prompt+chosen and prompt+rejected (each ending with EOS), the prompt length, an integer
-    prompt id per row (rows that share a prompt share it) and the domain. Never truncates: a row longer than
-    `max_length` raises a DataError naming the row, or is skipped with `skip_bad_rows`."""
-    prompt_id_of, out, skipped = {}, {"chosen": [], "rejected": [], "prompt_len": [], "group": [], "domain": []}, 0
+    """Token ids of prompt+chosen and prompt+rejected (`encode_prompt` + `encode_response`), the prompt length, an
+    integer prompt id per row (rows that share a prompt share it) and the domain. Never truncates: a row longer
+    than `max_length` raises a DataError naming the row, or is skipped with `skip_bad_rows`."""
+    prompt_id_of, out, skipped = {}, {"chosen": [], "rejected": [], "prompt_len": [], "prompt_id": [], "domain": []}, 0
     for row in ds:
-        i = row["row"]  # the row of the source file, for error messages
-        prompt = encode_prompt(tokenizer, row["prompt"])
-        seqs = [prompt + tokenizer(row[k], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                for k in ("chosen", "rejected")]
+        where = f"{source}, row {row['row']}"  # the row of the source file, for error messages
+        prompt = encode_prompt(tokenizer, row["prompt"], where)
+        seqs = [prompt + encode_response(tokenizer, row[k], where) for k in ("chosen", "rejected")]
         longest = max(map(len, seqs))
         if longest > max_length:
             if skip_bad_rows:
                 skipped += 1
                 continue
-            raise DataError(f"{source}, row {i}: prompt + response is {longest} tokens, more than --max-length "
+            raise DataError(f"{where}: prompt + response is {longest} tokens, more than --max-length "
                             f"{max_length} (rows are never truncated; raise --max-length or pass --skip-bad-rows)")
         out["chosen"].append(seqs[0])
         out["rejected"].append(seqs[1])
         out["prompt_len"].append(len(prompt))
-        out["group"].append(prompt_id_of.setdefault(row["prompt"], len(prompt_id_of)))
+        out["prompt_id"].append(prompt_id_of.setdefault(row["prompt"], len(prompt_id_of)))
         out["domain"].append(row["domain"])
     if skipped:
         print(f"{source}: skipped {skipped} row(s) longer than {max_length} tokens (--skip-bad-rows)")
@@ -470,11 +474,180 @@ def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_r
     return out
 
 
-def pad(seqs, pad_id: int, side: str = "right") -> torch.Tensor:
-    """A list of token-id lists as one padded LongTensor (padding on `side`)."""
+def load_pairs(source: str, split: str, tokenizer, max_length: int, skip_bad_rows: bool = False,
+               max_rows: Optional[int] = None):
+    """`load_preferences` then `tokenize_preferences`: the rows (strings) and their token ids."""
+    rows = load_preferences(source, split, tokenizer, skip_bad_rows, max_rows)
+    return rows, tokenize_preferences(rows, tokenizer, max_length, source, skip_bad_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequences: one convention for every script, on both padding sides
+# ----------------------------------------------------------------------------------------------
+# A sequence is a list of token ids: start token, prompt, response, end token. Batches are padded on either
+# side, and the attention mask and position ids always come from the lengths, never from `ids != pad`: a pad
+# id equal to EOS or BOS (GPT-2, Llama without a pad token) then hides nothing.
+
+
+def start_token_id(tokenizer):
+    """BOS, or CLS for encoders (BERT-style reward models); None when the tokenizer has neither."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+
+
+def end_token_id(tokenizer):
+    """EOS, or SEP for encoders: the token every training sequence ends with and every rollout stops at."""
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
+    if end is None:
+        raise ValueError("the tokenizer has neither an EOS nor a SEP token; sequences need an end token")
+    return end
+
+
+def encode_prompt(tokenizer, prompt: str, where: str = "a prompt") -> list:
+    """Token ids of a prompt, starting with the start token (once, even when a chat template already wrote it)."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    start = start_token_id(tokenizer)
+    if start is not None and ids[:1] != [start]:
+        ids = [start] + ids
+    if len(ids) <= (start is not None):
+        raise DataError(f"{where}: the prompt {prompt!r:.40} tokenizes to nothing (is the tokenizer the model's own?)")
+    return ids
+
+
+def encode_response(tokenizer, response: str, where: str = "a response") -> list:
+    """Token ids of a response ending with the end token exactly once: a chat template that already ends the
+    turn with it (e.g. `<|im_end|>` then a newline) is cut after it, anything else gets it appended."""
+    ids, end = tokenizer(response, add_special_tokens=False).input_ids, end_token_id(tokenizer)
+    last = len(ids) - 1 - ids[::-1].index(end) if end in ids else None
+    if last is not None and not tokenizer.decode(ids[last + 1:]).strip():
+        ids = ids[: last + 1]  # the template ended the turn: keep its end token, drop the whitespace after it
+    else:
+        ids = ids + [end]
+    if len(ids) < 2:
+        raise DataError(f"{where}: the response {response!r:.40} tokenizes to nothing (is the tokenizer the model's own?)")
+    return ids
+
+
+def pad(seqs, pad_id: int, side: str = "right"):
+    """Token-id lists as one padded LongTensor (padding on `side`) and the attention mask of the real tokens."""
     width = max(map(len, seqs))
-    fill = [[pad_id] * (width - len(s)) for s in seqs]
-    return torch.tensor([s + f if side == "right" else f + s for s, f in zip(seqs, fill)], dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        at = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, at], mask[i, at] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (as `generate` does with left padding)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int = 1, temperature: float = 1.0):
+    """log pi(ids[:, t] | ids[:, :t]) for t >= start, at `temperature`, and the logits that predict them."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    logits = logits[:, start - 1: -1].float() / temperature
+    return torch.gather(F.log_softmax(logits, -1), 2, ids[:, start:, None]).squeeze(-1), logits
+
+
+def completion_logprobs(model, seqs, prompt_lens, pad_id: int, side: str = "right"):
+    """Per-token log-probs of the completions of `seqs` (after the first prompt_len tokens) and their mask,
+    [N, T - 1]; the result is the same with any amount of padding on either side."""
+    ids, mask = pad(seqs, pad_id, side)
+    ids, mask = ids.to(device_of(model)), mask.to(device_of(model))
+    logps, _ = token_logprobs(model, ids, mask)
+    first = mask.shape[1] - mask.sum(1) if side == "left" else torch.zeros_like(mask[:, 0])  # first real token
+    after_prompt = torch.arange(1, ids.shape[1], device=ids.device) >= (first + torch.as_tensor(prompt_lens, device=ids.device))[:, None]
+    completion = mask[:, 1:].bool() & after_prompt
+    return logps * completion, completion
+
+
+def sequence_rewards(reward_model, seqs, pad_id: int) -> torch.Tensor:
+    """Scores of a sequence-classification model: its own pooling (the last token that is not the pad token,
+    or CLS for encoders), so that training, PPO and anyone loading the saved model (RewardBench, TRL) read the
+    same token. The same result with any padding, since the mask comes from the lengths."""
+    ids, mask = pad(seqs, pad_id)
+    return reward_model(input_ids=ids.to(device_of(reward_model)), attention_mask=mask.to(device_of(reward_model))
+                        ).logits.squeeze(-1).float()
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, pad_id: int, end_id: int, generation_config):
+    """Responses to prompts (lists of ids), cut after the first end token. Returns the prompts left-padded and the
+    responses right-padded to max_new_tokens, as `ids` and `mask` [N, P + max_new_tokens], the response tokens and
+    their mask [N, max_new_tokens], and whether each response ended with the end token."""
+    queries, query_mask = pad(prompt_ids, pad_id, side="left")
+    queries, query_mask = queries.to(device_of(model)), query_mask.to(device_of(model))
+    out = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation_config)
+    responses = F.pad(out[:, queries.shape[1]:], (0, generation_config.max_new_tokens - out.shape[1] + queries.shape[1]),
+                      value=pad_id)
+    responses, response_mask, ended = cut_at_end(responses, end_id, pad_id)
+    return torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1), responses, response_mask, ended
+
+
+def cut_at_end(responses: torch.Tensor, end_id: int, pad_id: int):
+    """Generated tokens cut after the first end token (kept): the responses padded after it, their mask (from the
+    cut, so a sampled pad token before it stays real) and whether each one ended."""
+    is_end = responses == end_id
+    ended = is_end.any(1)
+    last = torch.where(ended, is_end.long().argmax(1), responses.shape[1] - 1)
+    mask = (torch.arange(responses.shape[1], device=responses.device)[None] <= last[:, None]).long()
+    return responses.masked_fill(mask == 0, pad_id), mask, ended
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi: exp(d) - 1 - d with
+    d = ref_logp - logp (Schulman's k3), unbiased and never negative; in float64 (no cancellation near d = 0)."""
+    d = (ref_logp - logp).double()
+    return (torch.expm1(d) - d).clamp(min=0.0).to(logp.dtype)  # the clamp removes rounding below 0
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: batch order and sharding, the supervised warm start
+# ----------------------------------------------------------------------------------------------
+
+
+def batch_indices(n: int, batch_size: int, seed: int, what: str = "rows"):
+    """Global batches of row indices, epoch after epoch: each epoch a permutation seeded with seed + epoch (the same
+    on every rank), cut into full batches (the rest of an epoch is dropped)."""
+    if n < batch_size:
+        raise DataError(f"the training data has {n} {what}, fewer than one batch of {batch_size}; "
+                        f"lower the batch size or add data")
+    for epoch in itertools.count():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield order[i: i + batch_size]
+
+
+def shard(batch: list, rank: int, world: int) -> list:
+    """This process's contiguous share of a global batch."""
+    per = len(batch) // world
+    return batch[rank * per: (rank + 1) * per]
+
+
+def warm_start(model, seqs, prompt_lens, pad_id: int, steps: int, batch_size: int, lr: float, seed: int,
+               rank: int = 0, world: int = 1, writer=None):
+    """Supervised fine-tuning of a (tiny, randomly initialised) policy on completions: the mean next-token loss of
+    the completion tokens, AdamW with cosine decay to 0. `model` may be a DDP wrapper (each rank takes its shard)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    batches = batch_indices(len(seqs), batch_size, seed, "warm-start sequences")
+    for step in tqdm(range(steps), disable=rank != 0, desc="warm start"):
+        idx = shard(next(batches), rank, world)
+        logps, mask = completion_logprobs(model, [seqs[i] for i in idx], [prompt_lens[i] for i in idx], pad_id)
+        loss = -logps.sum() / mask.sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"warm-start step {step}: the loss is {loss.item()}")
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if writer is not None:
+            writer.add_scalar("losses/sft_loss", loss.item(), step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,9 +675,55 @@ def tiny_config(tokenizer, num_labels: Optional[int] = None, layers: int = 2, hi
     return config
 
 
+def load_tokenizer(model_name_or_path: Optional[str]):
+    """The model's tokenizer (pad = EOS where it has no pad token), or the tiny byte-level one."""
+    if model_name_or_path is None:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 # ----------------------------------------------------------------------------------------------
-# Evaluation reports and logging
+# Runs: distributed set-up, tracking, evaluation reports, saving
 # ----------------------------------------------------------------------------------------------
+
+
+def init_distributed():
+    """(distributed, rank, world size, device): under torchrun a process group (nccl on GPUs, gloo on CPUs)."""
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    return distributed, rank, world, device
+
+
+def start_tracking(args, run_name: str, output_dir: str):
+    """The output folder, TensorBoard writer (wandb mirrors it with --track) and an empty metrics.jsonl."""
+    os.makedirs(output_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(output_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    open(metrics_path, "w").close()
+    return writer, metrics_path
+
+
+def eval_sources(dataset: str, eval_datasets) -> dict:
+    """Evaluation splits by name -> (source, split): the given --eval-datasets, or the embedded task's held-out splits."""
+    if eval_datasets:
+        return {name.split("/")[-1]: (name, "test") for name in eval_datasets}
+    if dataset == "synthetic":
+        return {s: ("synthetic", s) for s in SYNTHETIC_SPLITS if s != "train"}
+    return {}
 
 
 def domain_report(values, domains, name: str = "accuracy") -> dict:
@@ -515,6 +734,13 @@ def domain_report(values, domains, name: str = "accuracy") -> dict:
     means = {d: sum(v) / len(v) for d, v in sorted(per.items())}
     return {name: sum(map(float, values)) / len(values), f"worst_domain_{name}": min(means.values()),
             f"domain_{name}": means}
+
+
+def log_scalars(writer, scalars: dict, step: int):
+    """TensorBoard scalars; NaN entries (e.g. a dual variable the set does not have) are left out."""
+    for key, value in scalars.items():
+        if not math.isnan(value):
+            writer.add_scalar(key, value, step)
 
 
 def log_eval(writer, jsonl_path: str, step: int, split: str, report: dict):
@@ -532,10 +758,10 @@ def print_table(results: dict, name: str = "accuracy"):
     pct = 100 if name == "accuracy" else 1
     print(f"{'split':<16}" + "".join(f"{d:>11}" for d in domains) + f"{'mean':>9}{'worst':>9}")
     for split, r in results.items():
-        per = r[f"domain_{name}"]
-        cells = "".join(f"{pct * per[d]:>11.{1 if pct == 100 else 3}f}" if d in per else f"{'-':>11}" for d in domains)
+        per, digits = r[f"domain_{name}"], 1 if pct == 100 else 3
+        cells = "".join(f"{pct * per[d]:>11.{digits}f}" if d in per else f"{'-':>11}" for d in domains)
         mean = sum(per.values()) / len(per)
-        print(f"{split:<16}{cells}{pct * mean:>9.{1 if pct == 100 else 3}f}{pct * r[f'worst_domain_{name}']:>9.{1 if pct == 100 else 3}f}")
+        print(f"{split:<16}{cells}{pct * mean:>9.{digits}f}{pct * r[f'worst_domain_{name}']:>9.{digits}f}")
 
 
 def save_atomically(model, tokenizer, path: str):
@@ -549,3 +775,11 @@ def save_atomically(model, tokenizer, path: str):
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def save_run(output_dir: str, args, model, tokenizer):
+    """The trained model and tokenizer in <output_dir>/model (unless --no-save-model), and args.json."""
+    if args.save_model:
+        save_atomically(model, tokenizer, os.path.join(output_dir, "model"))
+    with open(os.path.join(output_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, default=str, indent=1)

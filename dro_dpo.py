@@ -19,9 +19,8 @@ the global batch. Everything else is the DPO you know.
     python dro_dpo.py --dro.kind erm                   # plain DPO
 """
 
+import contextlib
 import copy
-import json
-import math
 import os
 import random
 import time
@@ -34,15 +33,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, GenerationConfig, get_scheduler
 
 import common
 
 
 @dataclass
 class Args:
+    # Experiment
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -56,6 +55,7 @@ class Args:
     output_dir: Optional[str] = None
     """where metrics.jsonl, TensorBoard logs and the model go (default: runs/<run_name>)"""
 
+    # Data
     dataset: str = "synthetic"
     """training data: "synthetic" (embedded), a `datasets` hub name, or a local json/jsonl/parquet file"""
     dataset_split: str = "train"
@@ -71,19 +71,24 @@ class Args:
     skip_bad_rows: bool = False
     """skip and count malformed or too long rows instead of stopping with an error"""
 
+    # Model
     model_name_or_path: Optional[str] = None
     """a Hugging Face causal LM; default: a tiny Llama built from a config"""
     sft_steps: Optional[int] = None
     """supervised warm start on both responses of the training pairs before DPO (the reference is the
     warm-started model); default: 500 for the tiny model, 0 for --model-name-or-path"""
     sft_learning_rate: float = 3e-3
-    """learning rate of the warm start"""
+    """peak learning rate of the warm start (cosine decay to 0)"""
+
+    # Algorithm
     dro: common.DROArgs = field(default_factory=common.DROArgs)
     """the ambiguity set over the prompts of a batch"""
     beta: float = 0.1
     """DPO temperature: strength of the implicit KL regularisation to the reference"""
     precompute_ref_logps: bool = False
     """compute the reference log-probs of all training pairs once before training (saves a forward per step)"""
+
+    # Optimisation
     total_steps: int = 600
     """number of DPO optimizer steps"""
     batch_size: int = 64
@@ -92,26 +97,42 @@ class Args:
     """micro-batches per optimizer step and process"""
     learning_rate: float = 1e-4
     """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
     lr_scheduler_type: str = "cosine"
     """a transformers scheduler name (linear, cosine, constant, ...)"""
     warmup_steps: int = 20
     """learning-rate warm-up steps"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
+
+    # Evaluation, logging and saving
     eval_every: int = 200
     """evaluate every this many steps (0: only at the start and the end)"""
     eval_batch_size: int = 256
-    """sequences per evaluation forward"""
+    """pairs per evaluation forward"""
     eval_generations: int = 400
     """prompts per split whose sampled responses are scored with the gold reward (embedded task only)"""
     max_new_tokens: int = 10
     """maximum new tokens of evaluation generations"""
     temperature: float = 1.0
-    """sampling temperature of evaluation generations (0: greedy)"""
+    """sampling temperature of evaluation generations"""
     log_every: int = 10
     """log training metrics every this many steps"""
     save_model: bool = True
     """save the trained policy and tokenizer to <output-dir>/model"""
+
+    # Filled in at run time
+    world_size: int = 1
+    """number of processes (computed at run time from torchrun)"""
+    micro_batch_size: int = 0
+    """pairs per forward and process (computed at run time)"""
+
+    def __post_init__(self):
+        common.check_args(self, positive=("total_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                                           "eval_batch_size", "log_every", "max_length", "max_train_rows", "max_eval_rows",
+                                           "max_grad_norm", "beta", "sft_learning_rate", "max_new_tokens", "temperature"),
+                          non_negative=("weight_decay", "warmup_steps", "eval_every", "sft_steps", "eval_generations"))
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
@@ -120,276 +141,182 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return -F.logsigmoid(beta * logits)
 
 
-def token_logps(model, seqs, prompt_lens, pad_id: int, side: str = "right"):
-    """Per-token log-probabilities of `seqs` (lists of ids) under a causal LM, and the mask of completion
-    tokens (after the prompt, not padding). Masks and positions come from the lengths, so the result is the
-    same with any amount of padding on either side, and a pad id equal to EOS is harmless."""
-    ids = common.pad(seqs, pad_id, side).to(next(model.parameters()).device)
-    lengths = torch.tensor([len(s) for s in seqs], device=ids.device)
-    pos = torch.arange(ids.shape[1], device=ids.device)
-    start = ids.shape[1] - lengths if side == "left" else torch.zeros_like(lengths)
-    attention = (pos >= start[:, None]) & (pos < (start + lengths)[:, None])
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attention.long(), position_ids=position_ids).logits[:, :-1].float()
-    labels = ids[:, 1:, None]
-    logps = torch.gather(logits, 2, labels).squeeze(-1) - torch.logsumexp(logits, -1)
-    completion = attention[:, 1:] & (pos[1:] >= (start + torch.as_tensor(prompt_lens, device=ids.device))[:, None])
-    return logps * completion, completion
-
-
 def pair_logps(model, data, idx, pad_id):
     """Summed completion log-probs of the chosen and rejected responses of rows `idx`, in one forward."""
     seqs = [data["chosen"][i] for i in idx] + [data["rejected"][i] for i in idx]
-    logps, _ = token_logps(model, seqs, [data["prompt_len"][i] for i in idx] * 2, pad_id)
+    logps, _ = common.completion_logprobs(model, seqs, [data["prompt_len"][i] for i in idx] * 2, pad_id)
     return logps.sum(-1).split(len(idx))
 
 
+def pair_losses(model, reference, data, idx, pad_id, beta, ref_logps=None):
+    """The DPO loss of rows `idx` and the implicit rewards beta * log pi/ref of the chosen and rejected responses.
+    The reference goes first: its temporaries are freed before the policy's graph is built."""
+    if ref_logps is not None:
+        ref_chosen, ref_rejected = ref_logps[idx].unbind(1)
+    else:
+        with torch.no_grad():
+            ref_chosen, ref_rejected = pair_logps(reference, data, idx, pad_id)
+    chosen, rejected = pair_logps(model, data, idx, pad_id)
+    losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return losses, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+
+
 @torch.no_grad()
-def implicit_reward_accuracy(policy, reference, data, pad_id, beta, batch_size):
+def evaluate(model, reference, data, pad_id, beta, batch_size):
     """Per-domain accuracy of the implicit reward: beta * log pi/ref margin of chosen over rejected > 0 (ties: 1/2)."""
-    policy.eval()
+    model.eval()
     correct = []
     for i in range(0, len(data["chosen"]), batch_size):
-        idx = range(i, min(i + batch_size, len(data["chosen"])))
-        (pc, pr), (rc, rr) = pair_logps(policy, data, idx, pad_id), pair_logps(reference, data, idx, pad_id)
-        margin = (pc - rc) - (pr - rr)
-        correct += ((margin > 0).float() + 0.5 * (margin == 0).float()).tolist()  # a tie is a coin flip
-    policy.train()
+        _, chosen_rewards, rejected_rewards = pair_losses(model, reference, data, range(i, min(i + batch_size, len(data["chosen"]))), pad_id, beta)
+        correct += ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).tolist()
+    model.train()
     return common.domain_report(correct, data["domain"])
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from tokens sampled from the policy: exp(d) - 1 - d with
-    d = ref_logp - logp (Schulman's k3). Unbiased, and never negative, unlike the plain difference."""
-    d = ref_logp - logp
-    return torch.expm1(d) - d
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float = 1.0, batch_size: int = 256):
-    """Sampled (temperature > 0) or greedy responses to prompt strings. Returns the prompt ids and the response
-    ids cut after the first EOS, and whether each response ended (produced an EOS) within max_new_tokens."""
-    prompt_ids, responses, ended = [], [], []
-    for i in range(0, len(prompts), batch_size):
-        batch = [common.encode_prompt(tokenizer, p) for p in prompts[i: i + batch_size]]  # as in training
-        ids = common.pad(batch, tokenizer.pad_token_id, side="left").to(next(model.parameters()).device)
-        out = model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:].tolist()
-        for p, r in zip(batch, out):
-            cut = r.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in r else len(r)
-            prompt_ids.append(p)
-            responses.append(r[:cut])
-            ended.append(cut < len(r) or r[-1:] == [tokenizer.eos_token_id])
-    return prompt_ids, responses, ended
-
-
-@torch.no_grad()
-def evaluate_generations(policy, reference, tokenizer, prompts, domains, max_new_tokens: int,
-                         temperature: float = 1.0, batch_size: int = 256) -> dict:
+def evaluate_generations(model, reference, tokenizer, prompts, domains, generation_config, batch_size) -> dict:
     """Sample a response per prompt; per-domain mean gold reward (embedded task) and the mean KL to the
     reference on those samples (k3 estimate summed over the response tokens)."""
-    policy.eval()
-    prompt_ids, responses, _ = generate(policy, tokenizer, prompts, max_new_tokens, temperature, batch_size)
-    seqs = [p + r for p, r in zip(prompt_ids, responses)]
-    lens = [len(p) for p in prompt_ids]
-    kl = []
-    for i in range(0, len(seqs), batch_size):
-        logp, mask = token_logps(policy, seqs[i: i + batch_size], lens[i: i + batch_size], tokenizer.pad_token_id)
-        ref_logp, _ = token_logps(reference, seqs[i: i + batch_size], lens[i: i + batch_size], tokenizer.pad_token_id)
-        kl += (kl_k3(logp, ref_logp) * mask).sum(-1).tolist()
-    policy.train()
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    gold = [common.synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)]
+    model.eval()
+    gold, kl, end_id = [], [], common.end_token_id(tokenizer)
+    for i in range(0, len(prompts), batch_size):
+        prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts[i: i + batch_size]]  # as in training
+        ids, mask, responses, response_mask, _ = common.generate(model, prompt_ids, tokenizer.pad_token_id, end_id, generation_config)
+        start = ids.shape[1] - responses.shape[1]
+        logps, _ = common.token_logprobs(model, ids, mask, start)
+        ref_logps, _ = common.token_logprobs(reference, ids, mask, start)
+        kl += (common.kl_k3(logps, ref_logps) * response_mask).sum(-1).tolist()
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        gold += [common.synthetic_gold_reward(p, t) for p, t in zip(prompts[i: i + batch_size], texts)]
+    model.train()
     return {**common.domain_report(gold, domains, "gold_reward"), "kl": sum(kl) / len(kl)}
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    micro_batches = world * args.gradient_accumulation_steps
-    if args.batch_size % micro_batches:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {micro_batches}")
-    micro_batch_size = args.batch_size // micro_batches
-    sft_steps = args.sft_steps if args.sft_steps is not None else (0 if args.model_name_or_path else 500)
+    distributed, rank, world, device = common.init_distributed()
+    args.world_size = world
+    if args.batch_size % (world * args.gradient_accumulation_steps):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps "
+                         f"= {world * args.gradient_accumulation_steps}")
+    args.micro_batch_size = args.batch_size // (world * args.gradient_accumulation_steps)
+    if args.sft_steps is None:
+        args.sft_steps = 0 if args.model_name_or_path else 500
     run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or f"runs/{run_name}"
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 
     # Tracking (rank 0 only)
-    if rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        if args.track:
-            import wandb
+    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=run_name, save_code=True)
-        writer = SummaryWriter(output_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        metrics_path = os.path.join(output_dir, "metrics.jsonl")
-        open(metrics_path, "w").close()
-
-    # Seeding: the same initialisation and batch order on every rank (each takes its own shard)
+    # Seeding: the same model initialisation and batch order on every rank (each takes its own shard)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
     # Data
-    if args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
-        tokenizer = common.tiny_tokenizer()
+    tokenizer = common.load_tokenizer(args.model_name_or_path)
     pad_id = tokenizer.pad_token_id
+    _, train = common.load_pairs(args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows,
+                                 args.max_train_rows)
+    eval_sets = {name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
+                 for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
 
-    def load(source, split, max_rows=None):
-        rows = common.load_preferences(source, split, tokenizer, args.skip_bad_rows, max_rows)
-        return rows, common.tokenize_preferences(rows, tokenizer, args.max_length, source, args.skip_bad_rows)
-
-    train = load(args.dataset, args.dataset_split, args.max_train_rows)[1]
-    if args.eval_datasets:
-        eval_sets = {name.split("/")[-1]: load(name, "test", args.max_eval_rows) for name in args.eval_datasets}
-    elif args.dataset == "synthetic":
-        eval_sets = {s: load("synthetic", s, args.max_eval_rows) for s in common.SYNTHETIC_SPLITS if s != "train"}
-    else:
-        eval_sets = {}
-    n_train = len(train["chosen"])
-
-    # Policy: any causal LM, or a tiny Llama built from a config
+    # Model: any causal LM, or a tiny Llama built from a config; warm-started, it becomes the frozen reference
     if args.model_name_or_path:
-        policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
     else:
-        policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
-    policy.config.pad_token_id = pad_id
-    policy.to(device)
-    model = DDP(policy) if distributed else policy  # one wrapper for the warm start and DPO
+        model = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
+    model.config.pad_token_id = pad_id
+    model.to(device)
+    ddp_model = DDP(model) if distributed else model
     if rank == 0:
-        print(f"{run_name}: {n_train} training pairs, {sum(p.numel() for p in policy.parameters()):,} parameters, "
-              f"{world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {micro_batch_size}")
-
-    def batches(seed):
-        """Yields this rank's micro-batches (row indices) of successive global batches, epoch after epoch."""
-        epoch = 0
-        while True:
-            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-            for start in range(0, n_train - args.batch_size + 1, args.batch_size):
-                mine = order[start: start + args.batch_size][rank::world]
-                yield [mine[j: j + micro_batch_size] for j in range(0, len(mine), micro_batch_size)]
-            epoch += 1
-
-    # Supervised warm start: imitate both responses of each pair, like a base model that could have sampled them
-    if sft_steps:
-        sft_optimizer = torch.optim.AdamW(policy.parameters(), lr=args.sft_learning_rate)
-        sft_batches = batches(args.seed + 10_000)
-        for step in tqdm(range(sft_steps), disable=rank != 0, desc="warm start"):
-            for idx in next(sft_batches):
-                seqs = [train[k][i] for k in ("chosen", "rejected") for i in idx]
-                logps, mask = token_logps(model, seqs, [train["prompt_len"][i] for i in idx] * 2, pad_id)
-                (-(logps.sum() / mask.sum()) / args.gradient_accumulation_steps).backward()
-            sft_optimizer.step()
-            sft_optimizer.zero_grad(set_to_none=True)
-        del sft_optimizer
-
-    # The frozen reference: the policy DPO starts from
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        print(f"{run_name}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}")
+    if args.sft_steps:  # imitate both responses of each pair, like a base model that could have sampled them
+        common.warm_start(ddp_model, train["chosen"] + train["rejected"], train["prompt_len"] * 2, pad_id, args.sft_steps,
+                          2 * args.batch_size, args.sft_learning_rate, args.seed + 10_000, rank, world)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    ref_logps = None
     if args.precompute_ref_logps:
         with torch.no_grad():
-            ref_logps = torch.cat([torch.stack(pair_logps(reference, train, range(i, min(i + 256, n_train)), pad_id), 1)
-                                   for i in range(0, n_train, 256)])
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+            ref_logps = torch.cat([torch.stack(pair_logps(reference, train, range(i, min(i + 256, len(train["chosen"]))), pad_id), 1)
+                                   for i in range(0, len(train["chosen"]), 256)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=args.total_steps)
+    generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
+                                         top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=common.end_token_id(tokenizer))
 
     def evaluate_all(step):
         results = {}
         for split, (rows, data) in eval_sets.items():
-            report = implicit_reward_accuracy(policy, reference, data, pad_id, args.beta, args.eval_batch_size)
-            if args.eval_generations and common.is_synthetic_prompt(rows[0]["prompt"]):
+            results[split] = evaluate(model, reference, data, pad_id, args.beta, args.eval_batch_size)
+            if args.eval_generations and all(map(common.is_synthetic_prompt, rows["prompt"])):
                 sample = rows.select(range(min(args.eval_generations, len(rows))))
-                report.update(evaluate_generations(policy, reference, tokenizer, sample["prompt"], sample["domain"],
-                                                          args.max_new_tokens, args.temperature, args.eval_batch_size))
-            common.log_eval(writer, metrics_path, step, split, report)
-            results[split] = report
+                results[split].update(evaluate_generations(model, reference, tokenizer, sample["prompt"], sample["domain"],
+                                                           generation_config, args.eval_batch_size))
+            common.log_eval(writer, metrics_path, step, split, results[split])
         return results
 
     if rank == 0:
         start_results = evaluate_all(0)
 
-    # DPO training loop
-    dpo_batches, start = batches(args.seed), time.time()
+    # Training loop
+    batches, start = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed), time.time()
     for step in tqdm(range(1, args.total_steps + 1), disable=rank != 0, desc="dpo"):
-        micros = next(dpo_batches)
-        mine = [i for idx in micros for i in idx]
+        mine = common.shard(next(batches), rank, world)
+        micro_batches = [mine[i: i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
 
-        def losses_of(idx, module):
-            if args.precompute_ref_logps:
-                rc, rr = ref_logps[idx].to(device).unbind(1)
-            else:  # the reference first: its temporaries are freed before the policy's graph is built
-                with torch.no_grad():
-                    rc, rr = pair_logps(reference, train, idx, pad_id)
-            pc, pr = pair_logps(module, train, idx, pad_id)
-            return dpo_loss(pc, pr, rc, rr, args.beta), args.beta * (pc - rc).detach(), args.beta * (pr - rr).detach()
-
-        # 1. The worst-case weights of the global batch, from detached per-pair losses (with accumulation,
-        #    from a no-grad forward over all micro-batches first, so every backward uses the whole batch's q*)
-        if len(micros) == 1:
-            losses, chosen_rewards, rejected_rewards = losses_of(micros[0], model)
+        # ROBUST: 1. The worst-case weights q* of the global batch, from detached per-pair losses. With one
+        #    micro-batch they come from the training forward itself; with accumulation from a no-grad forward
+        #    over all micro-batches first, so that every backward uses the weights of the whole batch.
+        if len(micro_batches) == 1:
+            losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, reference, train, micro_batches[0], pad_id, args.beta, ref_logps)
             detached = losses.detach()
         else:
             with torch.no_grad():
-                detached = torch.cat([losses_of(idx, policy)[0] for idx in micros])
-        groups = torch.tensor([train["group"][i] for i in mine], device=device)
-        weights, dro_stats = common.robust_pair_weights(detached, groups, args.dro)
+                detached = torch.cat([pair_losses(model, reference, train, idx, pad_id, args.beta, ref_logps)[0] for idx in micro_batches])
+        prompt_ids = torch.tensor([train["prompt_id"][i] for i in mine], device=device)
+        weights, dro_stats = common.robust_prompt_weights(detached, prompt_ids, args.dro)
 
-        # 2. Backward of sum_i q_i l_i (times the world size: DDP averages gradients over processes)
-        for j, idx in enumerate(micros):
-            if len(micros) > 1:
-                losses, chosen_rewards, rejected_rewards = losses_of(idx, model)
-            loss = (weights[j * micro_batch_size: (j + 1) * micro_batch_size] * losses).sum() * world
+        # ROBUST: 2. Backward of sum_i q*_i l_i (times the world size: DDP averages gradients over processes)
+        for j, idx in enumerate(micro_batches):
+            if len(micro_batches) > 1:
+                losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, reference, train, idx, pad_id, args.beta, ref_logps)
+            loss = (weights[j * args.micro_batch_size: (j + 1) * args.micro_batch_size] * losses).sum() * world
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved")
-            if distributed and j < len(micros) - 1:
-                with model.no_sync():
-                    loss.backward()
-            else:
+            with ddp_model.no_sync() if distributed and j < len(micro_batches) - 1 else contextlib.nullcontext():
                 loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         if rank == 0 and step % args.log_every == 0:
-            scalars = {"losses/robust_loss": dro_stats["dro/robust_loss"], "losses/erm_loss": dro_stats["dro/erm_loss"],
-                       "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-                       "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-                       "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-                       "charts/grad_norm": grad_norm.item(), "charts/learning_rate": scheduler.get_last_lr()[0],
-                       "charts/pairs_per_second": step * args.batch_size / (time.time() - start),
-                       **{k: v for k, v in dro_stats.items() if not math.isnan(v)}}
-            for key, value in scalars.items():
-                writer.add_scalar(key, value, step)
+            common.log_scalars(writer, {
+                **dro_stats, "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                "charts/grad_norm": grad_norm.item(), "charts/learning_rate": scheduler.get_last_lr()[0],
+                "charts/pairs_per_second": step * args.batch_size / (time.time() - start)}, step)
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
 
-    # Final evaluation and save
+    # Final evaluation and save (rank 0)
     if rank == 0:
         results = evaluate_all(args.total_steps)
-        print(f"\nimplicit-reward accuracy (%) after {args.total_steps} DPO steps, {time.time() - start:.0f} s:")
-        common.print_table(results)
-        if "gold_reward" in next(iter(results.values())):
-            for name, res in (("the reference (step 0)", start_results), (f"the policy (step {args.total_steps})", results)):
+        if results:
+            print(f"\nimplicit-reward accuracy (%) after {args.total_steps} DPO steps, {time.time() - start:.0f} s:")
+            common.print_table(results)
+        for name, res in (("the reference (step 0)", start_results), (f"the policy (step {args.total_steps})", results)):
+            res = {split: report for split, report in res.items() if "gold_reward" in report}
+            if res:
                 print(f"\ngold reward of sampled responses, {name}:")
                 common.print_table(res, name="gold_reward")
                 print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in res.items()))
-        if args.save_model:
-            common.save_atomically(policy, tokenizer, os.path.join(output_dir, "model"))
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, default=str, indent=1)
+        common.save_run(output_dir, args, model, tokenizer)
         writer.close()
     if distributed:
         dist.destroy_process_group()

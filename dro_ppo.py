@@ -33,8 +33,6 @@ warm-started model is the reference policy, and the step-0 evaluation measures i
 """
 
 import copy
-import json
-import math
 import os
 import random
 import time
@@ -43,20 +41,20 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, get_scheduler
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
 import common
 
 
 @dataclass
 class Args:
+    # Experiment
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -70,39 +68,59 @@ class Args:
     output_dir: Optional[str] = None
     """where metrics.jsonl, TensorBoard logs and the model go (default: runs/<run_name>)"""
 
+    # Data
     dataset: str = "synthetic"
     """prompts (and warm-start responses): "synthetic" (embedded), a `datasets` hub name, or a local json/jsonl/parquet file"""
     dataset_split: str = "train"
     """the split of --dataset to train on"""
     eval_datasets: tuple[str, ...] = ()
     """evaluation prompts, zero or more like --dataset (default: the embedded validation, ID and shifted splits)"""
-    eval_prompts: int = 400
-    """evaluate on at most this many prompts of each split"""
+    max_train_rows: Optional[int] = None
+    """use at most this many training prompts"""
+    max_eval_rows: Optional[int] = 400
+    """use at most this many prompts of each evaluation split"""
     max_prompt_length: int = 64
-    """maximum prompt length in tokens; a longer prompt is an error (prompts are never truncated)"""
+    """maximum prompt length in tokens; a longer prompt is an error (or skipped with --skip-bad-rows)"""
     skip_bad_rows: bool = False
-    """skip rows with a missing/empty field or a too-long prompt (counted) instead of stopping with an error"""
+    """skip and count malformed rows or too long prompts instead of stopping with an error"""
+
+    # Model
     model_name_or_path: Optional[str] = None
     """a Hugging Face causal LM for the policy (and reference); default: a tiny Llama"""
     reward_model_path: Optional[str] = None
-    """a sequence-classification reward model (e.g. <run>/model saved by dro_reward.py), same tokenizer as the policy"""
-    reward: Optional[Literal["gold", "model"]] = None
-    """the training reward: the gold reward of the embedded task, or the reward model (default: model iff --reward-model-path)"""
+    """a sequence-classification reward model (e.g. <run>/model of dro_reward.py) with the policy's tokenizer;
+    default: the gold reward, which exists for the embedded task's prompts"""
     sft_steps: Optional[int] = None
-    """supervised warm-start steps on the chosen responses of --dataset (default: 500 for the tiny model, 0 for a pretrained one)"""
-    sft_batch_size: int = 64
-    """sequences per warm-start step"""
+    """supervised warm start on the chosen responses of --dataset (the reference is the warm-started model);
+    default: 500 for the tiny model, 0 for --model-name-or-path"""
     sft_learning_rate: float = 3e-3
-    """AdamW peak learning rate of the warm start (cosine decay to 0)"""
+    """peak learning rate of the warm start (cosine decay to 0)"""
 
+    # Algorithm
     dro: common.DROArgs = field(default_factory=common.DROArgs)
     """the ambiguity set over the prompts of a rollout batch (weights from their negated KL-regularised returns)"""
     weights_from: Literal["returns", "values"] = "returns"
     """a prompt's value for the worst case: the mean realised return of its rollouts, or the critic's V(x) (README)"""
-    num_updates: int = 60
-    """number of PPO iterations (rollout batch + PPO epochs)"""
-    rollout_prompts: int = 64
-    """prompts per rollout batch (over all processes under torchrun)"""
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty (k3 estimate) to the reference policy"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that never ends with EOS"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """PPO policy ratio clip"""
+    cliprange_value: float = 0.2
+    """PPO value clip"""
+    vf_coef: float = 0.1
+    """value loss coefficient"""
+
+    # Optimisation
+    total_steps: int = 60
+    """number of PPO iterations (a rollout batch, then its PPO epochs)"""
+    batch_size: int = 64
+    """prompts per rollout batch, over all processes"""
     samples_per_prompt: int = 2
     """sampled responses per prompt (their mean return is the prompt's return)"""
     num_ppo_epochs: int = 4
@@ -119,22 +137,8 @@ class Args:
     """maximum response length; a response without EOS by then is penalised"""
     temperature: float = 1.0
     """sampling temperature of rollouts (log-probabilities are computed at the same temperature)"""
-    kl_coef: float = 0.05
-    """beta: weight of the per-token KL penalty to the reference policy"""
-    kl_estimator: Literal["k3", "k2"] = "k3"
-    """per-token KL estimator, both never negative: k3 = exp(d) - 1 - d, k2 = d^2 / 2 with d = ref - logp"""
-    missing_eos_penalty: float = 1.0
-    """subtracted from the score of a response that never ends with EOS"""
-    gamma: float = 1.0
-    """discount factor"""
-    lam: float = 0.95
-    """GAE lambda"""
-    cliprange: float = 0.2
-    """PPO policy ratio clip"""
-    cliprange_value: float = 0.2
-    """PPO value clip"""
-    vf_coef: float = 0.1
-    """value loss coefficient"""
+
+    # Evaluation, logging and saving
     eval_every: int = 20
     """evaluate every this many PPO iterations (0: only at the start and the end)"""
     eval_batch_size: int = 200
@@ -144,28 +148,45 @@ class Args:
     save_model: bool = True
     """save the trained policy and tokenizer to <output-dir>/model"""
 
+    # Filled in at run time
+    world_size: int = 1
+    """number of processes (computed at run time from torchrun)"""
+    local_batch_size: int = 0
+    """rollouts per process and iteration: batch_size / world_size x samples_per_prompt (computed at run time)"""
+    minibatch_size: int = 0
+    """rollouts per PPO minibatch and process (computed at run time)"""
 
-# ----------------------------------------------------------------------------------------------
-# Pure helpers (imported by tests)
-# ----------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        common.check_args(self, positive=("total_steps", "batch_size", "samples_per_prompt", "num_ppo_epochs",
+                                           "num_minibatches", "learning_rate", "value_learning_rate", "max_grad_norm",
+                                           "max_new_tokens", "temperature", "eval_batch_size", "max_prompt_length",
+                                           "max_train_rows", "max_eval_rows", "sft_learning_rate", "cliprange",
+                                           "cliprange_value", "gamma"),
+                          non_negative=("kl_coef", "missing_eos_penalty", "lam", "vf_coef", "eval_every", "sft_steps"))
 
 
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (mask == 1) position of each row, whatever the padding side."""
-    idx = torch.arange(mask.shape[1], device=mask.device)
-    return (idx * mask.long()).argmax(1)
-
-
-def last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token scores [N, T] -> the score at each row's last real token (never a pad token)."""
-    return scores[torch.arange(scores.shape[0], device=scores.device), last_index(mask)]
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from log-probabilities of tokens sampled from pi; never negative."""
-    d = (ref_logprobs - logprobs).double()  # float64: no cancellation in exp(d) - 1 - d near d = 0
-    kl = torch.expm1(d) - d if estimator == "k3" else 0.5 * d.square()
-    return kl.clamp(min=0.0).to(logprobs.dtype)  # exact maths is >= 0; the clamp removes rounding below 0
+def load_prompts(source, split, tokenizer, max_prompt_length, skip_bad_rows=False, max_rows=None):
+    """Tokenized prompts of a preference source, and its chosen responses (for the warm start). Prompts are never
+    truncated: a longer one is an error naming the row, or skipped with --skip-bad-rows."""
+    data, skipped = {"text": [], "ids": [], "chosen": [], "domain": []}, 0
+    for row in common.load_preferences(source, split, tokenizer, skip_bad_rows, max_rows):
+        where = f"{source}, row {row['row']}"
+        ids = common.encode_prompt(tokenizer, row["prompt"], where)
+        if len(ids) > max_prompt_length:
+            if not skip_bad_rows:
+                raise common.DataError(f"{where}: the prompt is {len(ids)} tokens, more than --max-prompt-length "
+                                       f"{max_prompt_length} (raise it or pass --skip-bad-rows)")
+            skipped += 1
+            continue
+        data["text"].append(row["prompt"])
+        data["ids"].append(ids)
+        data["chosen"].append(common.encode_response(tokenizer, row["chosen"], where))
+        data["domain"].append(row["domain"])
+    if skipped:
+        print(f"{source}: skipped {skipped} prompt(s) longer than {max_prompt_length} tokens (--skip-bad-rows)")
+    if not data["ids"]:
+        raise common.DataError(f"{source}: no prompts fit in --max-prompt-length {max_prompt_length}")
+    return data
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -225,312 +246,216 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, ids, mask):
-        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=common.positions(mask)).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
 
-def reward_model_scores(reward_model, ids, mask):
-    """Scores of a sequence-classification reward model, read at each row's last real token."""
-    hidden = reward_model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-    return last_token_rewards(reward_model.score(hidden).squeeze(-1).float(), mask)
+def rollout_scores(tokenizer, reward_model, prompts, prompt_ids, responses, response_mask):
+    """The score of each rollout: the gold reward of the decoded response (embedded task) or the reward model's
+    score of prompt + response, read exactly as in its training (`common.sequence_rewards`)."""
+    if reward_model is None:
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # cut at the end token already
+        return torch.tensor([common.synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)], device=responses.device)
+    seqs = [p + r[:n] for p, r, n in zip(prompt_ids, responses.tolist(), response_mask.sum(1).tolist())]
+    return common.sequence_rewards(reward_model, seqs, tokenizer.pad_token_id)
 
 
-def positions(mask):
-    """Position ids that start at 0 at the first real token (as `generate` does with left padding)."""
-    return (mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-def token_logits(model, ids, mask, context_len, temperature):
-    """Logits [N, T_resp, V] that predict the response tokens (positions context_len..), at `temperature`."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    return logits[:, context_len - 1: -1].float() / temperature
-
-
-def token_logprobs(logits, tokens):
-    return torch.gather(F.log_softmax(logits, -1), 2, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def cut_at_eos(responses, eos_id, pad_id):
-    """Cut generated tokens after the first EOS (kept): (responses padded after it, response mask, has_eos)."""
-    is_eos = responses == eos_id
-    has_eos = is_eos.any(1)
-    first = torch.where(has_eos, is_eos.long().argmax(1), responses.shape[1] - 1)
-    mask = (torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]).long()
-    return responses.masked_fill(mask == 0, pad_id), mask, has_eos
+@torch.no_grad()
+def evaluate(policy, reference, reward_model, tokenizer, data, generation_config, batch_size, temperature):
+    """Per-domain gold reward (embedded-task prompts) and reward-model score of generations, and the KL to the reference."""
+    gold, kls, rm = [], [], []
+    has_gold = all(map(common.is_synthetic_prompt, data["text"]))
+    for i in range(0, len(data["ids"]), batch_size):
+        prompts, prompt_ids = data["text"][i: i + batch_size], data["ids"][i: i + batch_size]
+        ids, mask, responses, response_mask, _ = common.generate(policy, prompt_ids, tokenizer.pad_token_id,
+                                                                 common.end_token_id(tokenizer), generation_config)
+        start = ids.shape[1] - responses.shape[1]
+        _, logits = common.token_logprobs(policy, ids, mask, start, temperature)
+        _, ref_logits = common.token_logprobs(reference, ids, mask, start, temperature)
+        # exact KL of the next-token distributions, summed over the response: the sequence KL in expectation
+        kl = (F.softmax(logits, -1) * (F.log_softmax(logits, -1) - F.log_softmax(ref_logits, -1))).sum(-1)
+        kls += (kl * response_mask).sum(1).tolist()
+        if has_gold:
+            gold += rollout_scores(tokenizer, None, prompts, prompt_ids, responses, response_mask).tolist()
+        if reward_model is not None:
+            rm += rollout_scores(tokenizer, reward_model, prompts, prompt_ids, responses, response_mask).tolist()
+    report = {"kl": sum(kls) / len(kls)}
+    if gold:
+        report.update(common.domain_report(gold, data["domain"], "gold_reward"))
+    if rm:
+        report.update(common.domain_report(rm, data["domain"], "reward_model_score"))
+        if gold:
+            report["reward_gap"] = sum(r - g for r, g in zip(rm, gold)) / len(rm)
+    return report
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    tiny = args.model_name_or_path is None
-    sft_steps = args.sft_steps if args.sft_steps is not None else (500 if tiny else 0)
-    reward_kind = args.reward or ("model" if args.reward_model_path else "gold")
-    if reward_kind == "model" and not args.reward_model_path:
-        raise ValueError("--reward model needs --reward-model-path")
-    if reward_kind == "gold" and args.dataset != "synthetic":
-        raise ValueError("the gold reward exists only for the embedded task; pass --reward-model-path")
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if args.rollout_prompts % world:
-        raise ValueError(f"--rollout-prompts {args.rollout_prompts} must be divisible by the {world} processes")
-    local_prompts = args.rollout_prompts // world  # each process generates for its shard of the rollout batch
-    batch_size = local_prompts * args.samples_per_prompt
-    if batch_size % args.num_minibatches:
-        raise ValueError(f"rollouts per process {batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
-    minibatch_size = batch_size // args.num_minibatches
+    distributed, rank, world, device = common.init_distributed()
+    args.world_size = world
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    args.local_batch_size = args.batch_size // world * args.samples_per_prompt
+    if args.local_batch_size % args.num_minibatches:
+        raise ValueError(f"rollouts per process {args.local_batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
+    args.minibatch_size = args.local_batch_size // args.num_minibatches
+    if args.sft_steps is None:
+        args.sft_steps = 0 if args.model_name_or_path else 500
     run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or f"runs/{run_name}"
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 
     # Tracking (rank 0 only)
-    if rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        if args.track:
-            import wandb
+    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=run_name, save_code=True)
-        writer = SummaryWriter(output_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        metrics_path = os.path.join(output_dir, "metrics.jsonl")
-        open(metrics_path, "w").close()
-
-    # Seeding: the same initialisation, warm start and prompt order on every rank (each takes its own shard)
+    # Seeding: the same model initialisation and prompt order on every rank (each takes its own shard)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
-    # Data: prompts of --dataset (their chosen responses only for the warm start)
-    if tiny:
-        tokenizer = common.tiny_tokenizer()
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    # Data: prompts (their chosen responses only for the warm start)
+    tokenizer = common.load_tokenizer(args.model_name_or_path)
+    pad_id, end_id = tokenizer.pad_token_id, common.end_token_id(tokenizer)
+    train = load_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_length, args.skip_bad_rows,
+                         args.max_train_rows)
+    if args.reward_model_path is None:
+        no_gold = next((i for i, p in enumerate(train["text"]) if not common.is_synthetic_prompt(p)), None)
+        if no_gold is not None:
+            raise common.DataError(f"{args.dataset}: prompt {no_gold} is not one of the embedded task's, so it has no gold "
+                                   f"reward: pass --reward-model-path")
+    eval_sets = {name: load_prompts(source, split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_eval_rows)
+                 for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
 
-    def load_prompts(source, split, max_rows=None):
-        """Tokenized prompts (never truncated: a longer one is an error, or skipped with --skip-bad-rows)."""
-        data, skipped = {"text": [], "ids": [], "chosen": [], "domain": [], "gold": source == "synthetic"}, 0
-        for r in common.load_preferences(source, split, tokenizer, args.skip_bad_rows, max_rows):
-            ids = common.encode_prompt(tokenizer, r["prompt"])
-            if len(ids) > args.max_prompt_length:
-                if not args.skip_bad_rows:
-                    raise common.DataError(f"{source}, row {r['row']}: the prompt is {len(ids)} tokens, more than "
-                                           f"--max-prompt-length {args.max_prompt_length} (raise it or pass --skip-bad-rows)")
-                skipped += 1
-                continue
-            data["text"].append(r["prompt"])
-            data["ids"].append(ids)
-            data["chosen"].append(tokenizer(r["chosen"], add_special_tokens=False).input_ids)
-            data["domain"].append(r["domain"])
-        if skipped:
-            print(f"{source}: skipped {skipped} prompt(s) longer than {args.max_prompt_length} tokens (--skip-bad-rows)")
-        return data
-
-    train = load_prompts(args.dataset, args.dataset_split)
-    if args.eval_datasets:
-        eval_sets = {name.split("/")[-1]: load_prompts(name, "test", args.eval_prompts) for name in args.eval_datasets}
-    elif args.dataset == "synthetic":
-        eval_sets = {s: load_prompts("synthetic", s, args.eval_prompts) for s in common.SYNTHETIC_SPLITS if s != "train"}
-    else:
-        eval_sets = {}
-
-    # Models: policy, frozen reference, value model, reward model
-    if tiny:
-        policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
-    else:
+    # Models: policy (warm-started, then frozen as the reference), value model, reward model
+    if args.model_name_or_path:
         policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-    policy.to(device).eval()  # no dropout anywhere: the PPO ratio must compare the same function
+    else:
+        policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
+    policy.config.pad_token_id = pad_id
+    policy.to(device)
+    ddp_policy = DDP(policy) if distributed else policy
     reward_model = None
     if args.reward_model_path:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1).to(device).eval()
-        reward_model.requires_grad_(False)
-        if not hasattr(reward_model, "score"):
-            raise ValueError(f"{args.reward_model_path}: expected a decoder reward model with a `score` head (Llama, Qwen, GPT-2, ...)")
-    gen_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
-                                  top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=eos_id)
-    greedy_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                     eos_token_id=eos_id)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
+        reward_model.config.pad_token_id = pad_id
+        reward_model.to(device).eval().requires_grad_(False)
     start = time.time()
-
-    # Supervised warm start (the tiny model cannot generate anything meaningful from a random init):
-    # next-token loss on the chosen responses (+ EOS) of the training prompts. The reference is its result.
-    if sft_steps:
-        sft_opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_learning_rate)
-        sft_scheduler = get_scheduler("cosine", sft_opt, num_warmup_steps=0, num_training_steps=sft_steps)
-        for step in tqdm(range(sft_steps), disable=rank != 0, desc="warm start"):
-            idx = random.sample(range(len(train["ids"])), args.sft_batch_size)
-            seqs = [train["ids"][i] + train["chosen"][i] + [eos_id] for i in idx]
-            ids = common.pad(seqs, pad_id).to(device)
-            labels = common.pad([[-100] * len(train["ids"][i]) + train["chosen"][i] + [eos_id] for i in idx], -100).to(device)
-            mask = common.pad([[1] * len(s) for s in seqs], 0).to(device)  # the loss is on response tokens only
-            loss = policy(input_ids=ids, attention_mask=mask, labels=labels).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"warm-start step {step}: the loss is {loss.item()}")
-            loss.backward()
-            sft_opt.step()
-            sft_scheduler.step()
-            sft_opt.zero_grad(set_to_none=True)
-            if rank == 0:
-                writer.add_scalar("losses/sft_loss", loss.item(), step)
+    if args.sft_steps:  # the tiny model cannot generate anything meaningful from a random init
+        prompt_lens = [len(p) for p in train["ids"]]
+        common.warm_start(ddp_policy, [p + c for p, c in zip(train["ids"], train["chosen"])], prompt_lens, pad_id,
+                          args.sft_steps, args.batch_size, args.sft_learning_rate, args.seed + 10_000, rank, world,
+                          writer)
+    policy.eval()  # no dropout anywhere: the PPO ratio must compare the same function
+    reference = copy.deepcopy(policy).requires_grad_(False)
     critic = Critic(policy).to(device)
-    # Under torchrun the DDP wrappers (used for the training forwards) start all ranks from rank 0's weights
-    policy_ddp, critic_ddp = (DDP(policy), DDP(critic)) if distributed else (policy, critic)
-    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+    ddp_critic = DDP(critic) if distributed else critic
     optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},
                                    {"params": critic.parameters(), "lr": args.value_learning_rate}])
+    generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
+                                         top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=end_id)
+    eval_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                   eos_token_id=end_id) if args.eval_greedy else generation_config
     if rank == 0:
         print(f"{run_name}: {len(train['ids'])} training prompts, {sum(p.numel() for p in policy.parameters()):,} policy "
-              f"parameters, reward: {reward_kind}, warm start: {sft_steps} steps ({time.time() - start:.0f} s), "
-              f"{world} process(es) x {local_prompts} prompts x {args.samples_per_prompt} samples per rollout batch")
-
-    def rollout(prompt_ids, config):
-        """Generate responses to `prompt_ids`; returns full ids, mask, response tokens, response mask, has_eos."""
-        queries = common.pad(prompt_ids, pad_id, side="left").to(device)
-        lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
-        query_mask = (torch.arange(queries.shape[1], device=device)[None] >= queries.shape[1] - lengths[:, None]).long()
-        out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
-        responses = F.pad(out[:, queries.shape[1]:], (0, args.max_new_tokens - out.shape[1] + queries.shape[1]), value=pad_id)
-        responses, response_mask, has_eos = cut_at_eos(responses, eos_id, pad_id)
-        return torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1), responses, response_mask, has_eos
-
-    def score(ids, mask, responses, response_mask, prompts):
-        """The training reward of each rollout: gold reward of the decoded text, or the reward model read at the last real token."""
-        if reward_kind == "gold":
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # cut at EOS already
-            return torch.tensor([common.synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
-        return reward_model_scores(reward_model, ids, mask)
-
-    @torch.no_grad()
-    def evaluate(data):
-        """Gold reward (per domain) of greedy or sampled generations, KL to the reference, reward-model score."""
-        gold, kls, rm = [], [], []
-        for i in range(0, len(data["ids"]), args.eval_batch_size):
-            prompts = data["ids"][i: i + args.eval_batch_size]
-            ids, mask, responses, rmask, _ = rollout(prompts, greedy_config if args.eval_greedy else gen_config)
-            logits = token_logits(policy, ids, mask, ids.shape[1] - responses.shape[1], args.temperature)
-            ref_logits = token_logits(ref_policy, ids, mask, ids.shape[1] - responses.shape[1], args.temperature)
-            # exact KL of the next-token distributions, summed over the response: the sequence KL in expectation
-            kl = (F.softmax(logits, -1) * (F.log_softmax(logits, -1) - F.log_softmax(ref_logits, -1))).sum(-1)
-            kls += (kl * rmask).sum(1).tolist()
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            if data["gold"]:
-                gold += [common.synthetic_gold_reward(p, t) for p, t in zip(data["text"][i: i + len(prompts)], texts)]
-            if reward_model is not None:
-                rm += reward_model_scores(reward_model, ids, mask).tolist()
-        domains = data["domain"][: len(kls)]
-        report = common.domain_report(gold, domains, "gold_reward") if gold else {}
-        report["kl"] = sum(kls) / len(kls)
-        if rm:
-            report.update(common.domain_report(rm, domains, "reward_model_score"))
-            if gold:
-                report["reward_gap"] = sum(r - g for r, g in zip(rm, gold)) / len(rm)
-        return report
+              f"parameters, reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "
+              f"({time.time() - start:.0f} s), {world} process(es) x {args.batch_size // world} prompts x "
+              f"{args.samples_per_prompt} samples per rollout batch")
 
     def evaluate_all(step):
-        results = {split: evaluate(data) for split, data in eval_sets.items()}
+        results = {split: evaluate(policy, reference, reward_model, tokenizer, data, eval_config, args.eval_batch_size,
+                                   args.temperature) for split, data in eval_sets.items()}
         for split, report in results.items():
             common.log_eval(writer, metrics_path, step, split, report)
         return results
 
-    initial = evaluate_all(0) if rank == 0 else None
+    if rank == 0:
+        start_results = evaluate_all(0)
 
-    # Training loop. The prompt order is drawn by a generator seeded alike on all ranks; sampling differs per rank.
-    order_rng = torch.Generator().manual_seed(args.seed)
-    order, cursor = torch.randperm(len(train["ids"]), generator=order_rng).tolist(), 0
+    # Training loop: the prompt order is the same on all ranks, the sampling differs per rank
+    batches = common.batch_indices(len(train["ids"]), args.batch_size, args.seed, "prompts")
     torch.manual_seed(args.seed + rank)
-    gen_time = update_time = 0.0
-    for update in tqdm(range(1, args.num_updates + 1), disable=rank != 0, desc="ppo"):
-        if cursor + args.rollout_prompts > len(order):
-            order, cursor = torch.randperm(len(train["ids"]), generator=order_rng).tolist(), 0
-        batch = order[cursor: cursor + args.rollout_prompts][rank * local_prompts: (rank + 1) * local_prompts]
-        cursor += args.rollout_prompts
-        prompt_of = [i for i in batch for _ in range(args.samples_per_prompt)]
-        groups = (rank * local_prompts + torch.arange(local_prompts, device=device)).repeat_interleave(args.samples_per_prompt)
+    generation_seconds = update_seconds = 0.0
+    for step in tqdm(range(1, args.total_steps + 1), disable=rank != 0, desc="ppo"):
+        mine = common.shard(next(batches), rank, world)
+        rollout_prompts = [i for i in mine for _ in range(args.samples_per_prompt)]
+        prompt_ids = (rank * len(mine) + torch.arange(len(mine), device=device)).repeat_interleave(args.samples_per_prompt)
 
-        # 1. Rollouts, scores, per-token rewards (KL penalty + score at the last real token), GAE
+        # 1. Rollouts, scores, per-token rewards (KL penalty + score at the last response token), GAE
         t0 = time.time()
         with torch.no_grad():
-            ids, mask, responses, rmask, has_eos = rollout([train["ids"][i] for i in prompt_of], gen_config)
+            ids, mask, responses, response_mask, ended = common.generate(
+                policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config)
             context_len = ids.shape[1] - responses.shape[1]
-            logits = token_logits(policy, ids, mask, context_len, args.temperature)
-            logprobs = token_logprobs(logits, responses)
-            ref_logprobs = token_logprobs(token_logits(ref_policy, ids, mask, context_len, args.temperature), responses)
-            entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), rmask)
+            logprobs, logits = common.token_logprobs(policy, ids, mask, context_len, args.temperature)
+            ref_logprobs, _ = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
+            entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), response_mask)
             del logits
             values = critic(ids, mask)[:, context_len - 1: -1]
-            scores = score(ids, mask, responses, rmask, [train["text"][i] for i in prompt_of])
-            scores = scores - args.missing_eos_penalty * (~has_eos).float()
-            kl = kl_penalty(logprobs, ref_logprobs, args.kl_estimator) * rmask
+            scores = rollout_scores(tokenizer, reward_model, [train["text"][i] for i in rollout_prompts],
+                                    [train["ids"][i] for i in rollout_prompts], responses, response_mask)
+            scores = scores - args.missing_eos_penalty * (~ended).float()
+            kl = common.kl_k3(logprobs, ref_logprobs) * response_mask
             rewards = -args.kl_coef * kl
-            rewards[torch.arange(len(rewards)), last_index(rmask)] += scores
-            advantages, returns = gae(rewards, values, rmask, args.gamma, args.lam)
-            advantages = masked_whiten(advantages, rmask)
+            rewards[torch.arange(len(rewards)), response_mask.sum(1) - 1] += scores
+            advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+            advantages = masked_whiten(advantages, response_mask)
 
-            # 2. The worst-case prompt weights: from the negated KL-regularised returns, grouped by prompt,
-            #    fixed for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO. The returns of
-            #    these very rollouts pick unlucky samples (negative advantages); the critic's V(x) does not.
+            # ROBUST: 2. The worst-case prompt weights, from the negated KL-regularised returns grouped by prompt
+            #    (or the critic's V(x)), fixed for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO.
             prompt_values = rewards.sum(1) if args.weights_from == "returns" else values[:, 0]
-            weights, dro_stats = common.robust_pair_weights(-prompt_values, groups, args.dro)
-        gen_time += time.time() - t0
+            weights, dro_stats = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
+        generation_seconds += time.time() - t0
 
-        # 3. PPO epochs over minibatches; each minibatch's weights are scaled by N / M so that a uniform
-        #    weighting is the minibatch mean and the expected minibatch loss is the full-batch robust loss
-        #    (and by the world size: the weights of all ranks sum to 1 and DDP averages gradients over ranks)
+        # 3. PPO epochs over minibatches. ROBUST: each minibatch's weights are scaled by N / M so that uniform
+        #    weights give the minibatch mean and the expected minibatch loss is the full-batch robust loss (and by
+        #    the world size: the weights of all ranks sum to 1 and DDP averages gradients over ranks)
         t0 = time.time()
         for epoch in range(args.num_ppo_epochs):
-            for mb in torch.randperm(batch_size, device=device).split(minibatch_size):
-                new_logits = token_logits(policy_ddp, ids[mb], mask[mb], context_len, args.temperature)
-                new_values = critic_ddp(ids[mb], mask[mb])[:, context_len - 1: -1]
+            for mb in torch.randperm(args.local_batch_size, device=device).split(args.minibatch_size):
+                new_logprobs, _ = common.token_logprobs(ddp_policy, ids[mb], mask[mb], context_len, args.temperature)
+                new_values = ddp_critic(ids[mb], mask[mb])[:, context_len - 1: -1]
                 pg_loss, vf_loss, ppo_stats = ppo_loss(
-                    token_logprobs(new_logits, responses[mb]), logprobs[mb], advantages[mb], new_values, values[mb],
-                    returns[mb], rmask[mb], weights[mb] * world * batch_size / len(mb), args.cliprange, args.cliprange_value)
+                    new_logprobs, logprobs[mb], advantages[mb], new_values, values[mb], returns[mb], response_mask[mb],
+                    weights[mb] * world * args.local_batch_size / len(mb), args.cliprange, args.cliprange_value)
                 loss = pg_loss + args.vf_coef * vf_loss
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"update {update}: the loss is {loss.item()}; stopping before anything is saved")
+                    raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
                 optimizer.step()
-        update_time += time.time() - t0
+        update_seconds += time.time() - t0
 
-        # Logging: charts/ (progress), losses/ (last minibatch), objective/ (the RLHF objective), dro/
-        mean_kl = kl.sum(1).mean().item()
-        scalars = {"objective/score": scores.mean().item(), "objective/kl": mean_kl, "objective/entropy": entropy.item(),
-                   "objective/rlhf_reward": rewards.sum(1).mean().item(), "objective/robust_rlhf_reward": -dro_stats["dro/robust_loss"],
-                   "losses/policy_loss": pg_loss.item(), "losses/value_loss": vf_loss.item(), **ppo_stats,
-                   "charts/grad_norm": grad_norm.item(), "charts/response_length": rmask.sum(1).float().mean().item(),
-                   "charts/eos_fraction": has_eos.float().mean().item(), "charts/episodes": update * batch_size * world,
-                   "charts/generation_seconds": gen_time, "charts/update_seconds": update_time,
-                   # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
-                   "dro/weighted_advantage": world * (weights * masked_mean(advantages, rmask, dim=1)).sum().item(),
-                   **{k: v for k, v in dro_stats.items() if not math.isnan(v)}}
+        # Logging: objective/ (the RLHF objective), losses/ (last minibatch), charts/ (progress), dro/
         if rank == 0:
-            for key, value in scalars.items():
-                writer.add_scalar(key, value, update)
-        if rank == 0 and args.eval_every and update % args.eval_every == 0 and update < args.num_updates:
-            evaluate_all(update)
+            common.log_scalars(writer, {
+                **dro_stats, **ppo_stats, "objective/score": scores.mean().item(), "objective/kl": kl.sum(1).mean().item(),
+                "objective/entropy": entropy.item(), "objective/rlhf_reward": rewards.sum(1).mean().item(),
+                "losses/policy_loss": pg_loss.item(), "losses/value_loss": vf_loss.item(),
+                "charts/grad_norm": grad_norm.item(), "charts/response_length": response_mask.sum(1).float().mean().item(),
+                "charts/eos_fraction": ended.float().mean().item(), "charts/episodes": step * args.local_batch_size * world,
+                "charts/generation_seconds": generation_seconds, "charts/update_seconds": update_seconds,
+                # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
+                "dro/weighted_advantage": world * (weights * masked_mean(advantages, response_mask, dim=1)).sum().item()}, step)
+        if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+            evaluate_all(step)
 
     # Final evaluation and save (rank 0)
+    if rank == 0:
+        results = evaluate_all(args.total_steps)
+        print(f"\n{args.total_steps} PPO iterations, {time.time() - start:.0f} s in all (rollouts {generation_seconds:.0f} s, "
+              f"updates {update_seconds:.0f} s)")
+        for name in ("gold_reward", "reward_model_score"):
+            for label, res in ((f"step 0 (the {'warm-started' if args.sft_steps else 'initial'} policy)", start_results),
+                               (f"after {args.total_steps} PPO iterations", results)):
+                res = {split: report for split, report in res.items() if name in report}
+                if res:
+                    print(f"\n{name}, {label}:")
+                    common.print_table(res, name=name)
+        if results:
+            print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
+        common.save_run(output_dir, args, policy, tokenizer)
+        writer.close()
     if distributed:
         dist.destroy_process_group()
-    if rank == 0:
-        results = evaluate_all(args.num_updates)
-        name = "gold_reward" if all(d["gold"] for d in eval_sets.values()) else "reward_model_score"
-        if eval_sets:
-            print(f"\n{name} at step 0 (the {'warm-started' if sft_steps else 'initial'} policy):")
-            common.print_table(initial, name=name)
-            print(f"\n{name} after {args.num_updates} PPO iterations ({time.time() - start:.0f} s in all; "
-                  f"rollouts {gen_time:.0f} s, updates {update_time:.0f} s):")
-            common.print_table(results, name=name)
-            print(f"{name} (mean over prompts), step 0 -> {args.num_updates}: " + ", ".join(
-                f"{s} {initial[s][name]:.3f} -> {r[name]:.3f}" for s, r in results.items()))
-            print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
-        if args.save_model:
-            common.save_atomically(policy, tokenizer, os.path.join(output_dir, "model"))
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, default=str, indent=1)
-        writer.close()

@@ -16,8 +16,7 @@ plain (ERM) reward modelling. Under torchrun the worst case is over the global b
         --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct
 """
 
-import json
-import math
+import contextlib
 import os
 import random
 import time
@@ -30,15 +29,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForSequenceClassification, get_scheduler
 
 import common
 
 
 @dataclass
 class Args:
+    # Experiment
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -52,6 +51,7 @@ class Args:
     output_dir: Optional[str] = None
     """where metrics.jsonl, TensorBoard logs and the model go (default: runs/<run_name>)"""
 
+    # Data
     dataset: str = "synthetic"
     """training data: "synthetic" (embedded), a `datasets` hub name, or a local json/jsonl/parquet file"""
     dataset_split: str = "train"
@@ -67,10 +67,15 @@ class Args:
     skip_bad_rows: bool = False
     """skip and count malformed or too long rows instead of stopping with an error"""
 
+    # Model
     model_name_or_path: Optional[str] = None
     """a Hugging Face model (loaded with AutoModelForSequenceClassification, num_labels=1); default: a tiny Llama"""
+
+    # Algorithm
     dro: common.DROArgs = field(default_factory=common.DROArgs)
     """the ambiguity set over the prompts of a batch"""
+
+    # Optimisation
     total_steps: int = 1000
     """number of optimizer steps"""
     batch_size: int = 64
@@ -87,6 +92,8 @@ class Args:
     """learning-rate warm-up steps"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
+
+    # Evaluation, logging and saving
     eval_every: int = 100
     """evaluate every this many steps (0: only at the end)"""
     eval_batch_size: int = 256
@@ -96,12 +103,25 @@ class Args:
     save_model: bool = True
     """save the trained model and tokenizer to <output-dir>/model"""
 
+    # Filled in at run time
+    world_size: int = 1
+    """number of processes (computed at run time from torchrun)"""
+    micro_batch_size: int = 0
+    """pairs per forward and process (computed at run time)"""
 
-def bt_scores(model, chosen, rejected, pad_id):
-    """Rewards of chosen and rejected sequences (lists of token ids) in one forward."""
-    ids = common.pad(chosen + rejected, pad_id).to(next(model.parameters()).device)
-    rewards = model(input_ids=ids, attention_mask=ids != pad_id).logits.squeeze(-1).float()
-    return rewards[: len(chosen)], rewards[len(chosen):]
+    def __post_init__(self):
+        common.check_args(self, positive=("total_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                                           "eval_batch_size", "log_every", "max_length", "max_train_rows", "max_eval_rows",
+                                           "max_grad_norm"),
+                          non_negative=("weight_decay", "warmup_steps", "eval_every"))
+
+
+def pair_losses(model, data, idx, pad_id):
+    """The Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l)) of rows `idx` (chosen and rejected in one
+    forward), and the two rewards."""
+    seqs = [data["chosen"][i] for i in idx] + [data["rejected"][i] for i in idx]
+    chosen_rewards, rejected_rewards = common.sequence_rewards(model, seqs, pad_id).split(len(idx))
+    return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards.detach(), rejected_rewards.detach()
 
 
 @torch.no_grad()
@@ -110,38 +130,25 @@ def evaluate(model, data, pad_id, batch_size):
     model.eval()
     correct = []
     for i in range(0, len(data["chosen"]), batch_size):
-        r_c, r_r = bt_scores(model, data["chosen"][i: i + batch_size], data["rejected"][i: i + batch_size], pad_id)
-        correct += ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).tolist()
+        _, chosen_rewards, rejected_rewards = pair_losses(model, data, range(i, min(i + batch_size, len(data["chosen"]))), pad_id)
+        correct += ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).tolist()
     model.train()
     return common.domain_report(correct, data["domain"])
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    micro_batches = world * args.gradient_accumulation_steps
-    if args.batch_size % micro_batches:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {micro_batches}")
-    micro_batch_size = args.batch_size // micro_batches
+    distributed, rank, world, device = common.init_distributed()
+    args.world_size = world
+    if args.batch_size % (world * args.gradient_accumulation_steps):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps "
+                         f"= {world * args.gradient_accumulation_steps}")
+    args.micro_batch_size = args.batch_size // (world * args.gradient_accumulation_steps)
     run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or f"runs/{run_name}"
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 
     # Tracking (rank 0 only)
-    if rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=run_name, save_code=True)
-        writer = SummaryWriter(output_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        metrics_path = os.path.join(output_dir, "metrics.jsonl")
-        open(metrics_path, "w").close()
+    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
 
     # Seeding: the same model initialisation and batch order on every rank (each takes its own shard)
     random.seed(args.seed)
@@ -150,87 +157,60 @@ if __name__ == "__main__":
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     # Data
-    if args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
-        tokenizer = common.tiny_tokenizer()
+    tokenizer = common.load_tokenizer(args.model_name_or_path)
     pad_id = tokenizer.pad_token_id
-
-    def load(source, split, max_rows=None):
-        rows = common.load_preferences(source, split, tokenizer, args.skip_bad_rows, max_rows)
-        return common.tokenize_preferences(rows, tokenizer, args.max_length, source, args.skip_bad_rows)
-
-    train = load(args.dataset, args.dataset_split, args.max_train_rows)
-    if args.eval_datasets:
-        eval_sets = {name.split("/")[-1]: load(name, "test", args.max_eval_rows) for name in args.eval_datasets}
-    elif args.dataset == "synthetic":
-        eval_sets = {s: load("synthetic", s, args.max_eval_rows) for s in common.SYNTHETIC_SPLITS if s != "train"}
-    else:
-        eval_sets = {}
-    n_train = len(train["chosen"])
+    _, train = common.load_pairs(args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows,
+                                 args.max_train_rows)
+    eval_sets = {name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
+                 for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
 
     # Model: any sequence classifier with one output, or a tiny Llama built from a config
     if args.model_name_or_path:
         model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=1)
-        model.config.pad_token_id = pad_id
     else:
         model = AutoModelForSequenceClassification.from_config(common.tiny_config(tokenizer, num_labels=1))
+    model.config.pad_token_id = pad_id
     model.to(device)
     ddp_model = DDP(model) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=args.total_steps)
     if rank == 0:
-        print(f"{run_name}: {n_train} training pairs, {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {micro_batch_size}")
+        print(f"{run_name}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}")
 
     def evaluate_all(step):
-        results = {split: evaluate(model, data, pad_id, args.eval_batch_size) for split, data in eval_sets.items()}
+        results = {split: evaluate(model, data, pad_id, args.eval_batch_size) for split, (_, data) in eval_sets.items()}
         for split, report in results.items():
             common.log_eval(writer, metrics_path, step, split, report)
         return results
 
     # Training loop
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed))
-    cursor, start = 0, time.time()
+    batches, start = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed), time.time()
     for step in tqdm(range(1, args.total_steps + 1), disable=rank != 0, desc="training"):
-        if cursor + args.batch_size > n_train:  # a new epoch, the same permutation on every rank
-            order, cursor = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed + step)), 0
-        batch = order[cursor: cursor + args.batch_size].tolist()
-        cursor += args.batch_size
-        mine = batch[rank * len(batch) // world: (rank + 1) * len(batch) // world]
-        micros = [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+        mine = common.shard(next(batches), rank, world)
+        micro_batches = [mine[i: i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
 
-        def pair_losses(idx, module):
-            r_c, r_r = bt_scores(module, [train["chosen"][i] for i in idx], [train["rejected"][i] for i in idx], pad_id)
-            return -F.logsigmoid(r_c - r_r), r_c, r_r
-
-        # 1. The worst-case weights of the global batch, from detached per-pair losses. With one
-        #    micro-batch they come from the training forward itself; with accumulation from a no-grad
-        #    forward over all micro-batches first, so that every backward uses the weights of the whole batch.
-        if len(micros) == 1:
-            losses, r_c, r_r = pair_losses(micros[0], ddp_model)
+        # ROBUST: 1. The worst-case weights q* of the global batch, from detached per-pair losses. With one
+        #    micro-batch they come from the training forward itself; with accumulation from a no-grad forward
+        #    over all micro-batches first, so that every backward uses the weights of the whole batch.
+        if len(micro_batches) == 1:
+            losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, train, micro_batches[0], pad_id)
             detached = losses.detach()
         else:
             with torch.no_grad():
-                detached = torch.cat([pair_losses(m, model)[0] for m in micros])
-        groups = torch.tensor([train["group"][i] for i in mine], device=device)
-        weights, dro_stats = common.robust_pair_weights(detached, groups, args.dro)
+                detached = torch.cat([pair_losses(model, train, idx, pad_id)[0] for idx in micro_batches])
+        prompt_ids = torch.tensor([train["prompt_id"][i] for i in mine], device=device)
+        weights, dro_stats = common.robust_prompt_weights(detached, prompt_ids, args.dro)
 
-        # 2. Backward of sum_i q_i l_i (times the world size: DDP averages gradients over processes)
-        for j, idx in enumerate(micros):
-            if len(micros) > 1:
-                losses, r_c, r_r = pair_losses(idx, ddp_model)
-            w = weights[j * micro_batch_size: (j + 1) * micro_batch_size]
-            loss = (w * losses).sum() * world
+        # ROBUST: 2. Backward of sum_i q*_i l_i (times the world size: DDP averages gradients over processes)
+        for j, idx in enumerate(micro_batches):
+            if len(micro_batches) > 1:
+                losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, train, idx, pad_id)
+            loss = (weights[j * args.micro_batch_size: (j + 1) * args.micro_batch_size] * losses).sum() * world
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved")
-            if distributed and j < len(micros) - 1:
-                with ddp_model.no_sync():
-                    loss.backward()
-            else:
+            with ddp_model.no_sync() if distributed and j < len(micro_batches) - 1 else contextlib.nullcontext():
                 loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -238,25 +218,22 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
 
         if rank == 0 and step % args.log_every == 0:
-            scalars = {"losses/robust_loss": dro_stats["dro/robust_loss"], "losses/erm_loss": dro_stats["dro/erm_loss"],
-                       "charts/accuracy": (r_c > r_r).float().mean().item(), "charts/margin": (r_c - r_r).mean().item(),
-                       "charts/grad_norm": grad_norm.item(), "charts/learning_rate": scheduler.get_last_lr()[0],
-                       "charts/pairs_per_second": step * args.batch_size / (time.time() - start),
-                       **{k: v for k, v in dro_stats.items() if not math.isnan(v)}}
-            for key, value in scalars.items():
-                writer.add_scalar(key, value, step)
+            common.log_scalars(writer, {
+                **dro_stats, "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                "charts/grad_norm": grad_norm.item(), "charts/learning_rate": scheduler.get_last_lr()[0],
+                "charts/pairs_per_second": step * args.batch_size / (time.time() - start)}, step)
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
 
-    # Final evaluation and save
+    # Final evaluation and save (rank 0)
     if rank == 0:
         results = evaluate_all(args.total_steps)
-        print(f"\nper-domain accuracy (%) after {args.total_steps} steps, {time.time() - start:.0f} s:")
-        common.print_table(results)
-        if args.save_model:
-            common.save_atomically(model, tokenizer, os.path.join(output_dir, "model"))
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, default=str, indent=1)
+        if results:
+            print(f"\nper-domain accuracy (%) after {args.total_steps} steps, {time.time() - start:.0f} s:")
+            common.print_table(results)
+        common.save_run(output_dir, args, model, tokenizer)
         writer.close()
     if distributed:
         dist.destroy_process_group()

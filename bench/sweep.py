@@ -45,7 +45,7 @@ if __name__ == "__main__":
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--script", default="dro_reward.py")
-    p.add_argument("--steps-flag", default="--total-steps", help="the script's budget flag (dro_ppo.py: --num-updates)")
+    p.add_argument("--steps-flag", default="--total-steps", help="the script's budget flag")
     p.add_argument("--metric", default="accuracy")
     p.add_argument("--splits", nargs="+", default=["validation", "test_uniform"])
     p.add_argument("--tag", default="", help="suffix of the runs folder: give one per set of --extra flags")

@@ -56,7 +56,7 @@ def test_plain_parquet_and_tokenization(tok):
     prompt_ids = tok("copy: abc\n", add_special_tokens=False).input_ids
     assert t["prompt_len"][0] == len(prompt_ids)
     assert t["chosen"][0] == prompt_ids + tok("abc", add_special_tokens=False).input_ids + [tok.eos_token_id]
-    assert t["group"] == [0, 1]
+    assert t["prompt_id"] == [0, 1]
 
 
 @pytest.mark.parametrize("name,message", [

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
-from dro_dpo import dpo_loss, pair_logps, token_logps
+from dro_dpo import dpo_loss, pair_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,22 +37,6 @@ def test_dpo_loss_matches_the_formula():
     assert torch.isfinite(dpo_loss(torch.tensor([-1e4]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 1.0)).all()
 
 
-def test_logps_sum_completion_tokens_only_and_ignore_padding(setup):
-    tok, policy, data = setup
-    seqs, plens = data["chosen"][:4], data["prompt_len"][:4]
-    right, mask = token_logps(policy, seqs, plens, tok.pad_token_id, side="right")
-    assert mask.sum(-1).tolist() == [len(s) - p for s, p in zip(seqs, plens)]  # response tokens + EOS
-    longer = seqs + [max(data["chosen"], key=len) * 2]  # more padding for the first four
-    for side in ("right", "left"):
-        lp, _ = token_logps(policy, longer, plens + [3], tok.pad_token_id, side=side)
-        torch.testing.assert_close(lp[:4].sum(-1), right.sum(-1), rtol=1e-5, atol=1e-5)
-    # by hand: log-softmax of the unpadded sequence at each response position
-    ids = torch.tensor([seqs[0]])
-    logits = policy(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    by_hand = sum(logits[t - 1, seqs[0][t]] for t in range(plens[0], len(seqs[0])))
-    torch.testing.assert_close(right[0].sum(), by_hand, rtol=1e-5, atol=1e-5)
-
-
 def test_rho_zero_step_equals_plain_dpo(setup):
     tok, policy, data = setup
     ref = AutoModelForCausalLM.from_config(common.tiny_config(tok))
@@ -67,7 +51,7 @@ def test_rho_zero_step_equals_plain_dpo(setup):
             rc, rr = pair_logps(ref, data, idx, tok.pad_token_id)
         losses = dpo_loss(pc, pr, rc, rr, 0.1)
         if robust:
-            w, _ = common.robust_pair_weights(losses.detach(), torch.tensor(data["group"][:16]), common.DROArgs("chi2", 0.0))
+            w, _ = common.robust_prompt_weights(losses.detach(), torch.tensor(data["prompt_id"][:16]), common.DROArgs("chi2", 0.0))
             (w * losses).sum().backward()
         else:
             losses.mean().backward()

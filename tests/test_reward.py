@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 import common
-from dro_reward import bt_scores
+from dro_reward import pair_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,10 +32,9 @@ def test_rho_zero_gives_erm_gradients(setup, kind):
 
     def grads(robust):
         model.zero_grad()
-        r_c, r_r = bt_scores(model, data["chosen"], data["rejected"], tok.pad_token_id)
-        losses = -F.logsigmoid(r_c - r_r)
+        losses, _, _ = pair_losses(model, data, range(32), tok.pad_token_id)
         if robust:
-            w, _ = common.robust_pair_weights(losses, torch.tensor(data["group"]), common.DROArgs(kind, 0.0))
+            w, _ = common.robust_prompt_weights(losses, torch.tensor(data["prompt_id"]), common.DROArgs(kind, 0.0))
             (w * losses).sum().backward()
         else:
             losses.mean().backward()
@@ -44,22 +43,17 @@ def test_rho_zero_gives_erm_gradients(setup, kind):
     for a, b in zip(grads(True), grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     # and a positive radius does change the gradient (the comparison above can fail)
-    w, _ = common.robust_pair_weights(torch.rand(32), torch.tensor(data["group"]), common.DROArgs(kind, 0.5))
+    w, _ = common.robust_prompt_weights(torch.rand(32), torch.tensor(data["prompt_id"]), common.DROArgs(kind, 0.5))
     assert not torch.allclose(w, torch.full_like(w, 1 / 32))
 
 
-def test_reward_ignores_padding(setup):
+def test_pair_losses_are_bradley_terry(setup):
     tok, model, data = setup
-    short = data["chosen"][:4]
-    r_alone, _ = bt_scores(model, short, short, tok.pad_token_id)
-    longest = [max(data["chosen"], key=len) * 2]  # batched with a longer sequence: more padding on each
-    r_batch, _ = bt_scores(model, short + longest, short + longest, tok.pad_token_id)
-    torch.testing.assert_close(r_batch[:4], r_alone, rtol=1e-5, atol=1e-6)
-    ids = common.pad(short, tok.pad_token_id)
-    wide = torch.cat([ids, torch.zeros(len(short), 17, dtype=torch.long)], 1)  # 17 more pad tokens
-    out = model(input_ids=wide, attention_mask=wide != tok.pad_token_id).logits.squeeze(-1)
-    torch.testing.assert_close(out, r_alone, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(r_alone[0], r_alone[1])  # distinct sequences score differently
+    losses, chosen, rejected = pair_losses(model, data, [3, 1], tok.pad_token_id)
+    for j, i in enumerate([3, 1]):
+        r_c, r_r = common.sequence_rewards(model, [data["chosen"][i], data["rejected"][i]], tok.pad_token_id)
+        assert chosen[j].item() == pytest.approx(r_c.item(), abs=1e-5) and rejected[j].item() == pytest.approx(r_r.item(), abs=1e-5)
+        assert losses[j].item() == pytest.approx(-F.logsigmoid(r_c - r_r).item(), abs=1e-5)
 
 
 def test_saved_model_reloads_and_scores_identically(setup, tmp_path):
@@ -67,9 +61,9 @@ def test_saved_model_reloads_and_scores_identically(setup, tmp_path):
     common.save_atomically(model, tok, str(tmp_path / "model"))
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary folder left behind
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
-    a = bt_scores(model, data["chosen"], data["rejected"], tok.pad_token_id)
-    b = bt_scores(again, data["chosen"], data["rejected"], tok.pad_token_id)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    a = pair_losses(model, data, range(32), tok.pad_token_id)
+    b = pair_losses(again, data, range(32), tok.pad_token_id)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def run_script(out, *flags, launcher=(sys.executable,)):

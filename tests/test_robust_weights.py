@@ -140,7 +140,7 @@ def test_droargs_rejects_at_parse_time(argv, message, capsys):
 
 def test_pair_weights_group_by_prompt():
     # two pairs of prompt 7 (mean loss 2) and one of prompt 3 (loss 1): prompt-level weights, split over pairs
-    w, stats = common.robust_pair_weights(torch.tensor([1.0, 3.0, 1.0]), torch.tensor([7, 7, 3]), common.DROArgs("cvar", 1.0))
+    w, stats = common.robust_prompt_weights(torch.tensor([1.0, 3.0, 1.0]), torch.tensor([7, 7, 3]), common.DROArgs("cvar", 1.0))
     assert torch.allclose(w, torch.tensor([0.5, 0.5, 0.0]))
     assert stats["dro/robust_loss"] == pytest.approx(2.0) and stats["dro/erm_loss"] == pytest.approx(1.5)
     assert stats["dro/max_weight_x_B"] == pytest.approx(2.0) and stats["dro/ess_fraction"] == pytest.approx(0.5)
