@@ -317,31 +317,127 @@ _SECTION_OF = {subset: section for section, subsets in REWARDBENCH_SECTIONS.item
 HHH_CONFIGS = ("harmless", "helpful", "honest", "other")
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the source and the row."""
+class UserError(ValueError):
+    """A mistake in the command line or the data: the scripts print its message alone and exit with code 2."""
+
+
+class DataError(UserError):
+    """Bad input data; the message names the source and the row or line."""
+
+
+class ArgumentError(UserError):
+    """A bad command-line argument found after parsing (e.g. a batch that does not split over the processes)."""
+
+
+def exit_cleanly_on_user_errors():
+    """Make an uncaught UserError print `error: <message>` and exit with code 2, without a traceback; any other
+    exception (a bug) keeps its traceback."""
+    import sys
+
+    def hook(kind, error, traceback):
+        if issubclass(kind, UserError):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        sys.__excepthook__(kind, error, traceback)
+
+    sys.excepthook = hook
+
+
+LOCAL_FORMATS = (".json", ".jsonl", ".parquet", ".csv")
 
 
 def _is_local(source: str) -> bool:
-    return source.endswith((".json", ".jsonl", ".parquet")) or os.path.exists(source)
+    """A path rather than a hub name (which is "name" or "owner/name")."""
+    return (os.path.exists(source) or source.lower().endswith(LOCAL_FORMATS) or source.startswith((".", "/", "~"))
+            or source.count("/") > 1)
 
 
-def load_raw(source: str, split: str):
-    """A `datasets.Dataset` from a hub name or a local json/jsonl/parquet file, in its own schema."""
+def _read_file(path: str, skip_bad_rows: bool):
+    """The rows of a local json (a list of objects), jsonl (an object per line), parquet or csv file, read by the
+    project so that every problem is a DataError naming the file and the line or row: [(where, row), ...]."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in LOCAL_FORMATS:
+        raise DataError(f"{path}: unknown file type {ext or '(none)'!r}; expected one of {', '.join(LOCAL_FORMATS)}")
+    rows, bad = [], 0
+    if ext == ".jsonl":
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                    if not isinstance(row, dict):
+                        raise ValueError(f"a line must be a JSON object, got {type(row).__name__}")
+                except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+                    if not skip_bad_rows:
+                        raise DataError(f"{path}, line {number}: {e}") from None
+                    bad += 1
+                    continue
+                rows.append((f"{path}, line {number}", row))
+    else:
+        try:
+            if ext == ".json":
+                with open(path, "rb") as f:
+                    table = json.loads(f.read().decode("utf-8"))
+                if not isinstance(table, list):
+                    raise DataError(f"{path}: expected a JSON list of objects, got {type(table).__name__}")
+            elif ext == ".csv":
+                import csv
+
+                with open(path, newline="", encoding="utf-8") as f:
+                    table = list(csv.DictReader(f))
+            else:
+                import pyarrow.parquet
+
+                table = pyarrow.parquet.read_table(path).to_pylist()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg})") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e})") from None
+        except Exception as e:  # pyarrow's errors for a file that is not parquet
+            raise DataError(f"{path}: not a readable {ext[1:]} file ({type(e).__name__}: {e})") from None
+        rows = [(f"{path}, row {i}", row) for i, row in enumerate(table)]
+    if bad:
+        print(f"{path}: skipped {bad} unreadable line(s) (--skip-bad-rows)")
+    return rows
+
+
+def load_raw(source: str, split: Optional[str], skip_bad_rows: bool = False):
+    """The rows of a source in its own schema, as [(where, row), ...] (`where` names the source and the row or line
+    for error messages): a local file or folder of files, a folder saved by `datasets`, or a hub dataset."""
     import datasets
 
     if _is_local(source):
+        if split not in (None, "train"):
+            raise ArgumentError(f"{source}: a local file has no splits (got split {split!r}); "
+                                f"--dataset-split and ':split' apply to hub datasets and the synthetic task")
         if not os.path.exists(source):
-            raise DataError(f"{source}: no such file")
-        builder = "parquet" if source.endswith(".parquet") else "json"
-        return datasets.load_dataset(builder, data_files=source, split="train")
-    if "hhh_alignment" in source:
-        parts = [datasets.load_dataset(source, c, split="test") for c in HHH_CONFIGS]
-        return datasets.concatenate_datasets([p.add_column("domain", [c] * len(p)) for p, c in zip(parts, HHH_CONFIGS)])
-    if "Unified-Feedback" in source:
-        return datasets.load_dataset(source, "all", split=split)
-    if "reward-bench" in source:
-        return datasets.load_dataset(source, split="filtered")
-    return datasets.load_dataset(source, split=split)
+            raise DataError(f"{source}: no such file or folder")
+        if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_dict.json")):
+            raise DataError(f"{source}: a DatasetDict folder; pass one of its split folders")
+        if os.path.isdir(source) and os.path.exists(os.path.join(source, "state.json")):  # Dataset.save_to_disk
+            return [(f"{source}, row {i}", row) for i, row in enumerate(datasets.load_from_disk(source))]
+        if os.path.isdir(source):
+            files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(LOCAL_FORMATS))
+            if not files:
+                raise DataError(f"{source}: a folder with no {'/'.join(LOCAL_FORMATS)} file")
+            return [r for path in files for r in _read_file(path, skip_bad_rows)]
+        return _read_file(source, skip_bad_rows)
+    try:
+        if "hhh_alignment" in source:
+            parts = [datasets.load_dataset(source, c, split=split or "test") for c in HHH_CONFIGS]
+            raw = datasets.concatenate_datasets([p.add_column("domain", [c] * len(p)) for p, c in zip(parts, HHH_CONFIGS)])
+        elif "Unified-Feedback" in source:
+            raw = datasets.load_dataset(source, "all", split=split or "train")
+        elif "reward-bench" in source:
+            raw = datasets.load_dataset(source, split=split or "filtered")
+        else:
+            raw = datasets.load_dataset(source, split=split or "test")
+    except Exception as e:  # not found, offline, no such split: the user's input, not a bug here
+        raise DataError(f"{source}: could not load it as a hub dataset ({type(e).__name__}: {str(e)[:300]})") from None
+    return [(f"{source}, row {i}", row) for i, row in enumerate(raw)]
 
 
 def render(messages, tokenizer, add_generation_prompt: bool) -> str:
@@ -410,12 +506,14 @@ def to_preference(row: dict, tokenizer, where: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": str(domain)}
 
 
-def load_preferences(source: str, split: str, tokenizer, skip_bad_rows: bool = False, max_rows: Optional[int] = None):
-    """Preference rows {prompt, chosen, rejected, domain, row} as a `datasets.Dataset` (`row`: index in the source).
+def load_preferences(source: str, split: Optional[str], tokenizer, skip_bad_rows: bool = False,
+                     max_rows: Optional[int] = None):
+    """Preference rows {prompt, chosen, rejected, domain, row, where} as a `datasets.Dataset` (`row`: the index in
+    the source, `where`: the source and row or line, for error messages).
 
-    `source` is "synthetic" (the embedded task; `split` is one of SYNTHETIC_SPLITS), a hub name, or a
-    local json/jsonl/parquet file. A bad row raises a DataError naming the source and the row, or, with
-    `skip_bad_rows`, is skipped and counted.
+    `source` is "synthetic" (the embedded task; `split` is one of SYNTHETIC_SPLITS), a hub name, or a local
+    file or folder. A bad row raises a DataError naming the source and the row, or, with `skip_bad_rows`, is
+    skipped and counted.
     """
     import datasets
 
@@ -423,24 +521,27 @@ def load_preferences(source: str, split: str, tokenizer, skip_bad_rows: bool = F
         if split not in SYNTHETIC_SPLITS:
             raise DataError(f"the synthetic task has splits {list(SYNTHETIC_SPLITS)}, not {split!r}")
         mixture, n, offset = SYNTHETIC_SPLITS[split]
-        raw = datasets.Dataset.from_list(synthetic_preferences(n, mixture, seed=1000 + offset))
+        raw = [(f"synthetic {split}, row {i}", row)
+               for i, row in enumerate(synthetic_preferences(n, mixture, seed=1000 + offset))]
     else:
-        raw = load_raw(source, split)
-    if max_rows is not None:
-        raw = raw.select(range(min(max_rows, len(raw))))
+        raw = load_raw(source, split, skip_bad_rows)
+    if not raw:
+        raise DataError(f"{source}: no rows (an empty file?)")
     rows, skipped = [], 0
-    for i, row in enumerate(raw):
+    for i, (where, row) in enumerate(raw[:max_rows]):
         try:
-            pref = to_preference(row, tokenizer, where=f"{source}, row {i}")
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a row must be an object with prompt/chosen/rejected, got {type(row).__name__}")
+            pref = to_preference(row, tokenizer, where)
         except DataError:
             if not skip_bad_rows:
                 raise
             skipped += 1
             continue
         if pref is not None:
-            rows.append({**pref, "row": i})
+            rows.append({**pref, "row": i, "where": where})
     if skipped:
-        print(f"{source}: skipped {skipped} bad row(s) of {len(raw)} (--skip-bad-rows)")
+        print(f"{source}: skipped {skipped} bad row(s) of {len(raw[:max_rows])} (--skip-bad-rows)")
     if not rows:
         raise DataError(f"{source}: no usable preference rows")
     return datasets.Dataset.from_list(rows)
@@ -452,7 +553,7 @@ def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_r
     than `max_length` raises a DataError naming the row, or is skipped with `skip_bad_rows`."""
     prompt_id_of, out, skipped = {}, {"chosen": [], "rejected": [], "prompt_len": [], "prompt_id": [], "domain": []}, 0
     for row in ds:
-        where = f"{source}, row {row['row']}"  # the row of the source file, for error messages
+        where = row["where"]
         prompt = encode_prompt(tokenizer, row["prompt"], where)
         seqs = [prompt + encode_response(tokenizer, row[k], where) for k in ("chosen", "rejected")]
         longest = max(map(len, seqs))
@@ -613,14 +714,18 @@ def device_of(model) -> torch.device:
 
 def batch_indices(n: int, batch_size: int, seed: int, what: str = "rows"):
     """Global batches of row indices, epoch after epoch: each epoch a permutation seeded with seed + epoch (the same
-    on every rank), cut into full batches (the rest of an epoch is dropped)."""
+    on every rank), cut into full batches (the rest of an epoch is dropped). Fewer rows than a batch is an error."""
     if n < batch_size:
         raise DataError(f"the training data has {n} {what}, fewer than one batch of {batch_size}; "
                         f"lower the batch size or add data")
-    for epoch in itertools.count():
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield order[i: i + batch_size]
+
+    def epochs():
+        for epoch in itertools.count():
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            for i in range(0, n - batch_size + 1, batch_size):
+                yield order[i: i + batch_size]
+
+    return epochs()
 
 
 def shard(batch: list, rank: int, world: int) -> list:
@@ -675,13 +780,23 @@ def tiny_config(tokenizer, num_labels: Optional[int] = None, layers: int = 2, hi
     return config
 
 
+def check_model_path(path: str, flag: str):
+    """A clear error for a local model folder that is not there (instead of the hub client's repo-id message)."""
+    if _is_local(path) and not os.path.isdir(path):
+        raise ArgumentError(f"{flag} {path}: no such folder")
+
+
 def load_tokenizer(model_name_or_path: Optional[str]):
     """The model's tokenizer (pad = EOS where it has no pad token), or the tiny byte-level one."""
     if model_name_or_path is None:
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    check_model_path(model_name_or_path, "--model-name-or-path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except OSError as e:  # not a local folder and not on the hub (or offline)
+        raise ArgumentError(f"--model-name-or-path {model_name_or_path}: no tokenizer found ({e})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -718,12 +833,27 @@ def start_tracking(args, run_name: str, output_dir: str):
 
 
 def eval_sources(dataset: str, eval_datasets) -> dict:
-    """Evaluation splits by name -> (source, split): the given --eval-datasets, or the embedded task's held-out splits."""
-    if eval_datasets:
-        return {name.split("/")[-1]: (name, "test") for name in eval_datasets}
-    if dataset == "synthetic":
-        return {s: ("synthetic", s) for s in SYNTHETIC_SPLITS if s != "train"}
-    return {}
+    """Evaluation splits by a unique name -> (source, split): each of --eval-datasets ("synthetic" for the embedded
+    task's held-out splits, a hub name with an optional ":split", a local file or folder), or by default the
+    embedded task's held-out splits when training on it. Two sources with the same short name keep their full one."""
+    if not eval_datasets:
+        eval_datasets = ("synthetic",) if dataset == "synthetic" else ()
+    sources = []
+    for name in eval_datasets:
+        if name == "synthetic":
+            sources += [(s, "synthetic", s) for s in SYNTHETIC_SPLITS if s != "train"]
+        else:
+            source, _, split = name.rpartition(":") if ":" in name and not _is_local(name) else (name, "", "")
+            short = os.path.splitext(os.path.basename(source.rstrip("/")))[0] if _is_local(source) else source.split("/")[-1]
+            sources.append((short + (f":{split}" if split else ""), source, split or None))
+    shorts = [s for s, _, _ in sources]
+    named = {}
+    for short, source, split in sources:
+        name = short if shorts.count(short) == 1 else source + (f":{split}" if split else "")
+        if name in named:
+            raise ArgumentError(f"--eval-datasets names {name!r} twice")
+        named[name] = (source, split)
+    return named
 
 
 def domain_report(values, domains, name: str = "accuracy") -> dict:

@@ -170,7 +170,7 @@ def load_prompts(source, split, tokenizer, max_prompt_length, skip_bad_rows=Fals
     truncated: a longer one is an error naming the row, or skipped with --skip-bad-rows."""
     data, skipped = {"text": [], "ids": [], "chosen": [], "domain": []}, 0
     for row in common.load_preferences(source, split, tokenizer, skip_bad_rows, max_rows):
-        where = f"{source}, row {row['row']}"
+        where = row["where"]
         ids = common.encode_prompt(tokenizer, row["prompt"], where)
         if len(ids) > max_prompt_length:
             if not skip_bad_rows:
@@ -290,22 +290,20 @@ def evaluate(policy, reference, reward_model, tokenizer, data, generation_config
 
 
 if __name__ == "__main__":
+    common.exit_cleanly_on_user_errors()
     args = tyro.cli(Args)
     distributed, rank, world, device = common.init_distributed()
     args.world_size = world
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+        raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     args.local_batch_size = args.batch_size // world * args.samples_per_prompt
     if args.local_batch_size % args.num_minibatches:
-        raise ValueError(f"rollouts per process {args.local_batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
+        raise common.ArgumentError(f"rollouts per process {args.local_batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
     args.minibatch_size = args.local_batch_size // args.num_minibatches
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 500
     run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or f"runs/{run_name}"
-
-    # Tracking (rank 0 only)
-    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
 
     # Seeding: the same model initialisation and prompt order on every rank (each takes its own shard)
     random.seed(args.seed)
@@ -318,13 +316,19 @@ if __name__ == "__main__":
     pad_id, end_id = tokenizer.pad_token_id, common.end_token_id(tokenizer)
     train = load_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_length, args.skip_bad_rows,
                          args.max_train_rows)
-    if args.reward_model_path is None:
+    if args.reward_model_path is not None:
+        common.check_model_path(args.reward_model_path, "--reward-model-path")
+    else:
         no_gold = next((i for i, p in enumerate(train["text"]) if not common.is_synthetic_prompt(p)), None)
         if no_gold is not None:
             raise common.DataError(f"{args.dataset}: prompt {no_gold} is not one of the embedded task's, so it has no gold "
                                    f"reward: pass --reward-model-path")
+    batches = common.batch_indices(len(train["ids"]), args.batch_size, args.seed, "prompts")  # global batches, epoch after epoch
     eval_sets = {name: load_prompts(source, split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_eval_rows)
                  for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
+
+    # Tracking (rank 0 only), once the inputs are checked
+    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
 
     # Models: policy (warm-started, then frozen as the reference), value model, reward model
     if args.model_name_or_path:
@@ -372,7 +376,6 @@ if __name__ == "__main__":
         start_results = evaluate_all(0)
 
     # Training loop: the prompt order is the same on all ranks, the sampling differs per rank
-    batches = common.batch_indices(len(train["ids"]), args.batch_size, args.seed, "prompts")
     torch.manual_seed(args.seed + rank)
     generation_seconds = update_seconds = 0.0
     for step in tqdm(range(1, args.total_steps + 1), disable=rank != 0, desc="ppo"):

@@ -137,18 +137,16 @@ def evaluate(model, data, pad_id, batch_size):
 
 
 if __name__ == "__main__":
+    common.exit_cleanly_on_user_errors()
     args = tyro.cli(Args)
     distributed, rank, world, device = common.init_distributed()
     args.world_size = world
     if args.batch_size % (world * args.gradient_accumulation_steps):
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps "
-                         f"= {world * args.gradient_accumulation_steps}")
+        raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation "
+                                   f"steps = {world * args.gradient_accumulation_steps}")
     args.micro_batch_size = args.batch_size // (world * args.gradient_accumulation_steps)
     run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or f"runs/{run_name}"
-
-    # Tracking (rank 0 only)
-    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
 
     # Seeding: the same model initialisation and batch order on every rank (each takes its own shard)
     random.seed(args.seed)
@@ -161,8 +159,12 @@ if __name__ == "__main__":
     pad_id = tokenizer.pad_token_id
     _, train = common.load_pairs(args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows,
                                  args.max_train_rows)
+    batches = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed)  # global batches, epoch after epoch
     eval_sets = {name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
                  for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
+
+    # Tracking (rank 0 only), once the inputs are checked
+    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
 
     # Model: any sequence classifier with one output, or a tiny Llama built from a config
     if args.model_name_or_path:
@@ -186,7 +188,7 @@ if __name__ == "__main__":
         return results
 
     # Training loop
-    batches, start = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed), time.time()
+    start = time.time()
     for step in tqdm(range(1, args.total_steps + 1), disable=rank != 0, desc="training"):
         mine = common.shard(next(batches), rank, world)
         micro_batches = [mine[i: i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
