@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -735,7 +736,7 @@ def shard(batch: list, rank: int, world: int) -> list:
 
 
 def warm_start(model, seqs, prompt_lens, pad_id: int, steps: int, batch_size: int, lr: float, seed: int,
-               rank: int = 0, world: int = 1, writer=None):
+               rank: int = 0, world: int = 1, tracker=None):
     """Supervised fine-tuning of a (tiny, randomly initialised) policy on completions: the mean next-token loss of
     the completion tokens, AdamW with cosine decay to 0. `model` may be a DDP wrapper (each rank takes its shard)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -751,12 +752,12 @@ def warm_start(model, seqs, prompt_lens, pad_id: int, steps: int, batch_size: in
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if writer is not None:
-            writer.add_scalar("losses/sft_loss", loss.item(), step)
+        if tracker is not None:
+            tracker.scalars({"losses/sft_loss": loss.item()}, step)
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiny offline model and tokenizer
+# Models and tokenizers: the tiny offline default and the ones users bring
 # ----------------------------------------------------------------------------------------------
 
 
@@ -786,50 +787,61 @@ def check_model_path(path: str, flag: str):
         raise ArgumentError(f"{flag} {path}: no such folder")
 
 
-def load_tokenizer(model_name_or_path: Optional[str]):
-    """The model's tokenizer (pad = EOS where it has no pad token), or the tiny byte-level one."""
-    if model_name_or_path is None:
+def load_tokenizer(args):
+    """The tokenizer of --tokenizer-name-or-path or of the model (pad = EOS where it has no pad token), or the tiny
+    byte-level one for the default tiny model."""
+    path = args.tokenizer_name_or_path or args.model_name_or_path
+    if path is None:
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    check_model_path(model_name_or_path, "--model-name-or-path")
+    check_model_path(path, "--tokenizer-name-or-path" if args.tokenizer_name_or_path else "--model-name-or-path")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except OSError as e:  # not a local folder and not on the hub (or offline)
-        raise ArgumentError(f"--model-name-or-path {model_name_or_path}: no tokenizer found ({e})") from None
+        raise ArgumentError(f"{path}: no tokenizer found ({e})") from None
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.sep_token
     return tokenizer
 
 
+def load_model(auto_class, path: str, args, flag: str = "--model-name-or-path", **kwargs):
+    """A pretrained model with float32 master weights whatever dtype its checkpoint is stored in (transformers
+    would otherwise load a bf16 checkpoint as bf16, and Adam's updates would then mostly round away); --bf16
+    adds bf16 autocast for the forward passes instead. Says what was loaded and how it trains."""
+    from transformers import AutoConfig
+
+    check_model_path(path, flag)
+    try:
+        stored = getattr(AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code), "dtype", None)
+        model = auto_class.from_pretrained(path, dtype=torch.float32, attn_implementation=args.attn_implementation,
+                                           trust_remote_code=args.trust_remote_code, **kwargs)
+    except OSError as e:
+        raise ArgumentError(f"{flag} {path}: no model found ({e})") from None
+    print(f"{path}: checkpoint stored in {stored or 'float32'}; float32 master weights"
+          + (", bf16 autocast" if args.bf16 else ""))
+    return model
+
+
+def autocast(args, device: torch.device):
+    """bf16 autocast of the forward passes with --bf16 (a no-op context without it)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+def check_outputs(values, what: str, where: str, must_vary: bool = True):
+    """Stop, naming the likely causes, when a model's outputs over an evaluation are not finite (nothing non-finite
+    is saved) or identical for every different input (the model reads nothing of the text: a 50% table would hide it)."""
+    if not all(map(math.isfinite, values)):
+        raise FloatingPointError(f"{where}: a {what} is not finite; nothing was saved. Likely causes: a learning rate "
+                                 f"too high, fp16/bf16 overflow; --skip-nonfinite-steps skips steps with non-finite gradients")
+    if must_vary and len(values) > 2 and len(set(values)) == 1:
+        raise RuntimeError(f"{where}: every {what} is exactly {values[0]}, whatever the text; the model sees none of "
+                           f"it (a tokenizer that is not the model's own? a head that was not loaded or trained?)")
+
+
 # ----------------------------------------------------------------------------------------------
-# Runs: distributed set-up, tracking, evaluation reports, saving
+# Evaluation: the splits and the per-domain reports
 # ----------------------------------------------------------------------------------------------
-
-
-def init_distributed():
-    """(distributed, rank, world size, device): under torchrun a process group (nccl on GPUs, gloo on CPUs)."""
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    return distributed, rank, world, device
-
-
-def start_tracking(args, run_name: str, output_dir: str):
-    """The output folder, TensorBoard writer (wandb mirrors it with --track) and an empty metrics.jsonl."""
-    os.makedirs(output_dir, exist_ok=True)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(output_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    open(metrics_path, "w").close()
-    return writer, metrics_path
 
 
 def eval_sources(dataset: str, eval_datasets) -> dict:
@@ -866,22 +878,6 @@ def domain_report(values, domains, name: str = "accuracy") -> dict:
             f"domain_{name}": means}
 
 
-def log_scalars(writer, scalars: dict, step: int):
-    """TensorBoard scalars; NaN entries (e.g. a dual variable the set does not have) are left out."""
-    for key, value in scalars.items():
-        if not math.isnan(value):
-            writer.add_scalar(key, value, step)
-
-
-def log_eval(writer, jsonl_path: str, step: int, split: str, report: dict):
-    """Append one evaluation to metrics.jsonl and TensorBoard (eval/<split>/<metric>[/<domain>])."""
-    with open(jsonl_path, "a") as f:
-        f.write(json.dumps({"step": step, "split": split, **report}) + "\n")
-    for key, value in report.items():
-        for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
-            writer.add_scalar(f"eval/{split}/{key}" + (f"/{sub}" if sub else ""), v, step)
-
-
 def print_table(results: dict, name: str = "accuracy"):
     """One line per split: each domain, the mean over domains and the worst domain (in %)."""
     domains = sorted({d for r in results.values() for d in r[f"domain_{name}"]})
@@ -894,22 +890,274 @@ def print_table(results: dict, name: str = "accuracy"):
         print(f"{split:<16}{cells}{pct * mean:>9.{digits}f}{pct * r[f'worst_domain_{name}']:>9.{digits}f}")
 
 
-def save_atomically(model, tokenizer, path: str):
-    """save_pretrained into a temporary folder, then rename: never a half-written model at `path`."""
+# ----------------------------------------------------------------------------------------------
+# Runs: the output folder, tracking, checkpoints with exact resume, saving
+# ----------------------------------------------------------------------------------------------
+# A run's folder holds metrics.jsonl, TensorBoard events, checkpoints/step-<N>/ and, at the end, model/ and
+# args.json. Every write that a kill could interrupt goes to a temporary name first and is then renamed onto a
+# name that did not exist, so at every instant a complete model or checkpoint exists.
+
+RUN_FILES = ("metrics.jsonl", "args.json", "model", "checkpoints")
+
+
+def init_distributed():
+    """(distributed, rank, world size, device): under torchrun a process group (nccl on GPUs, gloo on CPUs)."""
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    return distributed, rank, world, device
+
+
+def find_checkpoint(args, output_dir: str) -> Optional[str]:
+    """The checkpoint to resume from (--resume-from, or with --resume the latest complete one of the output folder),
+    after refusing a folder that holds a previous run unless --resume or --overwrite says what to do with it. A
+    resumed run keeps the run id of the run it continues (args.run_id)."""
+    checkpoint = _find_checkpoint(args, output_dir)
+    if checkpoint:
+        args.run_id = json.load(open(os.path.join(checkpoint, "COMPLETE")))["run_id"]
+    return checkpoint
+
+
+def _find_checkpoint(args, output_dir: str) -> Optional[str]:
+    if args.resume_from:
+        if not os.path.exists(os.path.join(args.resume_from, "COMPLETE")):
+            raise ArgumentError(f"--resume-from {args.resume_from}: not a complete checkpoint (no COMPLETE marker)")
+        return args.resume_from
+    folder = os.path.join(output_dir, "checkpoints")
+    if args.resume:
+        done = sorted(c for c in os.listdir(folder) if c.startswith("step-") and "." not in c
+                      and os.path.exists(os.path.join(folder, c, "COMPLETE"))) if os.path.isdir(folder) else []
+        if not done:
+            raise ArgumentError(f"--resume: {output_dir} has no complete checkpoint to resume from")
+        return os.path.join(folder, done[-1])
+    previous = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
+    if previous and not args.overwrite:
+        raise ArgumentError(f"{output_dir} holds a previous run ({', '.join(previous)}); pass --resume to continue it, "
+                            f"--overwrite to replace it, or another --output-dir")
+    return None
+
+
+class Tracker:
+    """Rank 0's side of a run: the locked output folder, metrics.jsonl (each line with the run's id), TensorBoard
+    (wandb mirrors it with --track). On resume it keeps the lines and events up to the checkpoint's step."""
+
+    def __init__(self, args, output_dir: str, checkpoint: Optional[str]):
+        import fcntl
+        import shutil
+
+        os.makedirs(output_dir, exist_ok=True)
+        self.lock = open(os.path.join(output_dir, ".lock"), "w")
+        try:  # held until the process ends, however it ends
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArgumentError(f"{output_dir}: another run is writing to this folder right now") from None
+        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        resume_step = json.load(open(os.path.join(checkpoint, "COMPLETE")))["step"] if checkpoint else None
+        if resume_step is None:  # a new run (after --overwrite, the previous one's files go)
+            for name in RUN_FILES + tuple(f for f in os.listdir(output_dir) if f.startswith("events.out.tfevents")):
+                path = os.path.join(output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+            write_atomically(self.metrics_path, "")
+        else:  # the lines of the steps up to the checkpoint's; later ones are written again
+            lines = [json.loads(line) for line in open(self.metrics_path)] if os.path.exists(self.metrics_path) else []
+            kept = [line for line in lines if line["step"] <= resume_step]
+            write_atomically(self.metrics_path, "".join(json.dumps(line) + "\n" for line in kept))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=args.run_id, id=args.run_id, resume="allow", save_code=True)
+        self.run_id = args.run_id
+        self.writer = SummaryWriter(output_dir, purge_step=None if resume_step is None else resume_step + 1)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    def scalars(self, scalars: dict, step: int):
+        """TensorBoard scalars; NaN entries (e.g. a dual variable the set does not have) are left out."""
+        for key, value in scalars.items():
+            if not math.isnan(value):
+                self.writer.add_scalar(key, value, step)
+
+    def eval(self, step: int, split: str, report: dict):
+        """Append one evaluation to metrics.jsonl and TensorBoard (eval/<split>/<metric>[/<domain>])."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "split": split, **report, "run_id": self.run_id}) + "\n")
+        for key, value in report.items():
+            for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
+                self.writer.add_scalar(f"eval/{split}/{key}" + (f"/{sub}" if sub else ""), v, step)
+
+    def close(self):
+        self.writer.close()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, text: str):
+    """Write a file under a temporary name, fsync it, then rename it onto `path`."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(output_dir: str, step: int, modules: dict, optimizer, scheduler, extra: dict, args,
+                    rank: int = 0, world: int = 1):
+    """Everything the next step depends on: the modules' weights, optimizer, scheduler, every process's RNG
+    states, the step and `extra` (anything else the script needs). Written into a temporary folder, fsynced, then
+    renamed to checkpoints/step-<N>; only then are checkpoints beyond --keep-checkpoints removed."""
     import shutil
 
-    tmp = path + ".tmp"
+    check_finite(modules, step)
+    folder = os.path.join(output_dir, "checkpoints", f"step-{step:08d}")
+    tmp = folder + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    _fsync(os.path.join(tmp, f"rng-{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        state = {"step": step, "script": args.exp_name, "world_size": world, "model": args.model_name_or_path,
+                 "modules": {name: m.state_dict() for name, m in modules.items()}, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra}
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        _fsync(os.path.join(tmp, "state.pt"))
+        write_atomically(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "run_id": args.run_id}) + "\n")
+        _fsync(tmp)
+        if os.path.exists(folder):  # only when resuming from an older checkpoint than the latest
+            os.replace(folder, folder + ".old")
+            shutil.rmtree(folder + ".old")
+        os.replace(tmp, folder)
+        _fsync(os.path.dirname(folder))
+        done = sorted(c for c in os.listdir(os.path.dirname(folder)) if c.startswith("step-") and "." not in c)
+        for old in done[: -args.keep_checkpoints]:
+            shutil.rmtree(os.path.join(os.path.dirname(folder), old))
+    _barrier()
+
+
+def load_checkpoint(path: str, modules: dict, optimizer, scheduler, args, rank: int = 0, world: int = 1) -> dict:
+    """Restore what save_checkpoint wrote (this process's RNG states included); returns the step and `extra`.
+    A truncated, corrupt or incompatible checkpoint (another script, model or world size) is a clear error."""
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
+    except Exception as e:
+        raise ArgumentError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): "
+                            f"truncated or corrupt; resume from another with --resume-from") from None
+    for key, mine in (("script", args.exp_name), ("world_size", world), ("model", args.model_name_or_path)):
+        if state[key] != mine:
+            raise ArgumentError(f"checkpoint {path} was written with {key} {state[key]!r}, this run has {mine!r}")
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ArgumentError(f"checkpoint {path} does not fit this model ({str(e)[:300]})") from None
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(rng)
+    return state
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag instead of killing the process: the run finishes its step,
+    saves a checkpoint and exits. Under torchrun the ranks agree on the flag, so they all stop at the same step."""
+
+    def __init__(self):
+        import signal
+
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def requested(self) -> bool:
+        flag = torch.tensor([self.signum], dtype=torch.long)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return self.signum != 0
+
+    def exit(self, output_dir: str, step: int):
+        import signal
+        import sys
+
+        print(f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved in {output_dir}/"
+              f"checkpoints (continue with --resume)", file=sys.stderr)
+        sys.exit(128 + self.signum)
+
+
+def check_finite(modules: dict, step: int):
+    """Nothing non-finite is ever saved: stop with the step and the likely causes instead."""
+    for name, module in modules.items():
+        bad = [n for n, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(f"step {step}: the {name}'s weights are not finite ({', '.join(bad[:3])}...); nothing "
+                                     f"was saved. Likely causes: a learning rate too high, --max-grad-norm too high, fp16/bf16 "
+                                     f"overflow; --skip-nonfinite-steps skips steps whose loss or gradient is not finite")
+
+
+def nonfinite_gradients(model) -> bool:
+    return any(p.grad is not None and not torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def save_atomically(model, tokenizer, path: str):
+    """save_pretrained into a temporary folder and fsync it, then rename the old `path` away and the new one onto
+    `path`, then remove the old one: at every instant a complete model exists (`path`, or `path`.old between the
+    two renames, which the next save or a resumed run puts back)."""
+    import shutil
+
+    tmp, old = path + ".tmp", path + ".old"
+    if os.path.exists(old) and not os.path.exists(path):  # a save killed between its two renames
+        os.replace(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        _fsync(os.path.join(tmp, name))
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
-        shutil.rmtree(path)
+        os.replace(path, old)
     os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def save_run(output_dir: str, args, model, tokenizer):
-    """The trained model and tokenizer in <output_dir>/model (unless --no-save-model), and args.json."""
+def save_run(output_dir: str, args, model, tokenizer, step: int):
+    """The trained model and tokenizer in <output_dir>/model (unless --no-save-model), after checking that its
+    weights are finite, and args.json."""
+    check_finite({"model": model}, step)
     if args.save_model:
         save_atomically(model, tokenizer, os.path.join(output_dir, "model"))
-    with open(os.path.join(output_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, default=str, indent=1)
+    write_atomically(os.path.join(output_dir, "args.json"), json.dumps(vars(args), default=str, indent=1))

@@ -74,6 +74,16 @@ class Args:
     # Model
     model_name_or_path: Optional[str] = None
     """a Hugging Face causal LM; default: a tiny Llama built from a config"""
+    tokenizer_name_or_path: Optional[str] = None
+    """the tokenizer, if not the model's own"""
+    attn_implementation: Optional[str] = None
+    """attention kernel for from_pretrained (sdpa, flash_attention_2, eager, ...); default: transformers' choice"""
+    trust_remote_code: bool = False
+    """allow models and tokenizers whose code lives in their hub repository"""
+    bf16: bool = False
+    """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32"""
+    ref_model: Optional[str] = None
+    """the frozen reference pi_ref, if not the starting policy (e.g. the SFT model a trained policy came from)"""
     sft_steps: Optional[int] = None
     """supervised warm start on both responses of the training pairs before DPO (the reference is the
     warm-started model); default: 500 for the tiny model, 0 for --model-name-or-path"""
@@ -122,7 +132,23 @@ class Args:
     save_model: bool = True
     """save the trained policy and tokenizer to <output-dir>/model"""
 
+    # Checkpoints
+    save_every: int = 0
+    """save a checkpoint every this many steps (0: only when stopped by SIGTERM or SIGINT)"""
+    keep_checkpoints: int = 2
+    """keep the latest this many checkpoints"""
+    resume: bool = False
+    """continue the run in --output-dir from its latest complete checkpoint"""
+    resume_from: Optional[str] = None
+    """continue from this checkpoint folder (<output-dir>/checkpoints/step-<N>)"""
+    overwrite: bool = False
+    """replace a previous run in --output-dir (by default a folder that holds one is refused)"""
+    skip_nonfinite_steps: bool = False
+    """skip (and count) an optimizer step whose gradient is not finite instead of stopping the run"""
+
     # Filled in at run time
+    run_id: str = ""
+    """the run's name (computed at run time; a resumed run keeps the one it continues)"""
     world_size: int = 1
     """number of processes (computed at run time from torchrun)"""
     micro_batch_size: int = 0
@@ -132,7 +158,7 @@ class Args:
         common.check_args(self, positive=("total_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
                                            "eval_batch_size", "log_every", "max_length", "max_train_rows", "max_eval_rows",
                                            "max_grad_norm", "beta", "sft_learning_rate", "max_new_tokens", "temperature"),
-                          non_negative=("weight_decay", "warmup_steps", "eval_every", "sft_steps", "eval_generations"))
+                          non_negative=("save_every", "keep_checkpoints", "weight_decay", "warmup_steps", "eval_every", "sft_steps", "eval_generations"))
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
@@ -162,14 +188,18 @@ def pair_losses(model, reference, data, idx, pad_id, beta, ref_logps=None):
 
 
 @torch.no_grad()
-def evaluate(model, reference, data, pad_id, beta, batch_size):
+def evaluate(model, reference, data, pad_id, beta, batch_size, where="evaluation"):
     """Per-domain accuracy of the implicit reward: beta * log pi/ref margin of chosen over rejected > 0 (ties: 1/2)."""
     model.eval()
-    correct = []
+    correct, margins = [], []
     for i in range(0, len(data["chosen"]), batch_size):
-        _, chosen_rewards, rejected_rewards = pair_losses(model, reference, data, range(i, min(i + batch_size, len(data["chosen"]))), pad_id, beta)
-        correct += ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).tolist()
+        idx = range(i, min(i + batch_size, len(data["chosen"])))
+        (chosen, rejected), (ref_chosen, ref_rejected) = pair_logps(model, data, idx, pad_id), pair_logps(reference, data, idx, pad_id)
+        margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        correct += ((margin > 0).float() + 0.5 * (margin == 0).float()).tolist()
+        margins += (chosen - rejected).tolist()
     model.train()
+    common.check_outputs(margins, "log-prob margin log pi(y_w|x) - log pi(y_l|x)", where)
     return common.domain_report(correct, data["domain"])
 
 
@@ -203,8 +233,11 @@ if __name__ == "__main__":
     args.micro_batch_size = args.batch_size // (world * args.gradient_accumulation_steps)
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 500
-    run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
-    output_dir = args.output_dir or f"runs/{run_name}"
+    args.run_id = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
+    if (args.resume or args.resume_from) and not args.output_dir:
+        raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
+    output_dir = args.output_dir or f"runs/{args.run_id}"
+    checkpoint = common.find_checkpoint(args, output_dir)  # None for a new run
 
     # Seeding: the same model initialisation and batch order on every rank (each takes its own shard)
     random.seed(args.seed)
@@ -213,7 +246,7 @@ if __name__ == "__main__":
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     # Data
-    tokenizer = common.load_tokenizer(args.model_name_or_path)
+    tokenizer = common.load_tokenizer(args)
     pad_id = tokenizer.pad_token_id
     _, train = common.load_pairs(args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows,
                                  args.max_train_rows)
@@ -222,89 +255,115 @@ if __name__ == "__main__":
                  for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
 
     # Tracking (rank 0 only), once the inputs are checked
-    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
+    tracker = common.Tracker(args, output_dir, checkpoint) if rank == 0 else None
 
     # Model: any causal LM, or a tiny Llama built from a config; warm-started, it becomes the frozen reference
     if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        model = common.load_model(AutoModelForCausalLM, args.model_name_or_path, args)
     else:
         model = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     model.config.pad_token_id = pad_id
     model.to(device)
     ddp_model = DDP(model) if distributed else model
     if rank == 0:
-        print(f"{run_name}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
+        print(f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
               f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}")
-    if args.sft_steps:  # imitate both responses of each pair, like a base model that could have sampled them
+    if args.sft_steps and not checkpoint:  # imitate both responses of each pair, like a base model could have sampled them
         common.warm_start(ddp_model, train["chosen"] + train["rejected"], train["prompt_len"] * 2, pad_id, args.sft_steps,
                           2 * args.batch_size, args.sft_learning_rate, args.seed + 10_000, rank, world)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.ref_model:
+        reference = common.load_model(AutoModelForCausalLM, args.ref_model, args, "--ref-model").to(device)
+    else:
+        reference = copy.deepcopy(model)
+    reference.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
+                              num_training_steps=args.total_steps)
+    # Resuming: the checkpoint's weights, optimizer, scheduler and RNG states; the data order is replayed to its step
+    modules, start_step, skipped_steps = {"model": model, "reference": reference}, 0, 0
+    if checkpoint:
+        state = common.load_checkpoint(checkpoint, modules, optimizer, scheduler, args, rank, world)
+        start_step, skipped_steps, start_results = state["step"], state["extra"]["skipped_steps"], state["extra"]["start_results"]
+        for _ in range(start_step):
+            next(batches)
     ref_logps = None
     if args.precompute_ref_logps:
         with torch.no_grad():
             ref_logps = torch.cat([torch.stack(pair_logps(reference, train, range(i, min(i + 256, len(train["chosen"]))), pad_id), 1)
                                    for i in range(0, len(train["chosen"]), 256)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=args.total_steps)
     generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
                                          top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=common.end_token_id(tokenizer))
 
     def evaluate_all(step):
         results = {}
         for split, (rows, data) in eval_sets.items():
-            results[split] = evaluate(model, reference, data, pad_id, args.beta, args.eval_batch_size)
-            if args.eval_generations and all(map(common.is_synthetic_prompt, rows["prompt"])):
-                sample = rows.select(range(min(args.eval_generations, len(rows))))
-                results[split].update(evaluate_generations(model, reference, tokenizer, sample["prompt"], sample["domain"],
-                                                           generation_config, args.eval_batch_size))
-            common.log_eval(writer, metrics_path, step, split, results[split])
+            with common.autocast(args, device):
+                results[split] = evaluate(model, reference, data, pad_id, args.beta, args.eval_batch_size, f"step {step}, {split}")
+                if args.eval_generations and all(map(common.is_synthetic_prompt, rows["prompt"])):
+                    sample = rows.select(range(min(args.eval_generations, len(rows))))
+                    results[split].update(evaluate_generations(model, reference, tokenizer, sample["prompt"],
+                                                               sample["domain"], generation_config, args.eval_batch_size))
+            tracker.eval(step, split, results[split])
         return results
 
-    if rank == 0:
+    if rank == 0 and not checkpoint:
         start_results = evaluate_all(0)
 
     # Training loop
-    start = time.time()
-    for step in tqdm(range(1, args.total_steps + 1), disable=rank != 0, desc="dpo"):
+    stop, start = common.StopSignal(), time.time()
+    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, disable=rank != 0, desc="dpo"):
         mine = common.shard(next(batches), rank, world)
         micro_batches = [mine[i: i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
 
         # ROBUST: 1. The worst-case weights q* of the global batch, from detached per-pair losses. With one
         #    micro-batch they come from the training forward itself; with accumulation from a no-grad forward
         #    over all micro-batches first, so that every backward uses the weights of the whole batch.
-        if len(micro_batches) == 1:
-            losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, reference, train, micro_batches[0], pad_id, args.beta, ref_logps)
-            detached = losses.detach()
-        else:
-            with torch.no_grad():
-                detached = torch.cat([pair_losses(model, reference, train, idx, pad_id, args.beta, ref_logps)[0] for idx in micro_batches])
+        with common.autocast(args, device):
+            if len(micro_batches) == 1:
+                losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, reference, train, micro_batches[0], pad_id, args.beta, ref_logps)
+                detached = losses.detach()
+            else:
+                with torch.no_grad():
+                    detached = torch.cat([pair_losses(model, reference, train, idx, pad_id, args.beta, ref_logps)[0] for idx in micro_batches])
         prompt_ids = torch.tensor([train["prompt_id"][i] for i in mine], device=device)
         weights, dro_stats = common.robust_prompt_weights(detached, prompt_ids, args.dro)
 
         # ROBUST: 2. Backward of sum_i q*_i l_i (times the world size: DDP averages gradients over processes)
         for j, idx in enumerate(micro_batches):
             if len(micro_batches) > 1:
-                losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, reference, train, idx, pad_id, args.beta, ref_logps)
+                with common.autocast(args, device):
+                    losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, reference, train, idx, pad_id, args.beta, ref_logps)
             loss = (weights[j * args.micro_batch_size: (j + 1) * args.micro_batch_size] * losses).sum() * world
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved")
+            if not torch.isfinite(loss) and not args.skip_nonfinite_steps:
+                raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
+                                         f"(--skip-nonfinite-steps skips such steps)")
             with ddp_model.no_sync() if distributed and j < len(micro_batches) - 1 else contextlib.nullcontext():
                 loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
+        if torch.isfinite(grad_norm):  # the same on every rank: DDP averaged the gradients
+            optimizer.step()
+        elif args.skip_nonfinite_steps:
+            skipped_steps += 1
+        else:
+            raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()}; stopping before anything "
+                                     f"is saved (--skip-nonfinite-steps skips such steps)")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         if rank == 0 and step % args.log_every == 0:
-            common.log_scalars(writer, {
+            tracker.scalars({
                 **dro_stats, "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
                 "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
                 "charts/grad_norm": grad_norm.item(), "charts/learning_rate": scheduler.get_last_lr()[0],
+                "charts/skipped_steps": skipped_steps,
                 "charts/pairs_per_second": step * args.batch_size / (time.time() - start)}, step)
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
+        if stop.requested() or (args.save_every and step % args.save_every == 0):
+            common.save_checkpoint(output_dir, step, modules, optimizer, scheduler, {"skipped_steps": skipped_steps, "start_results": start_results if rank == 0 else None}, args, rank, world)
+            if stop.signum:
+                stop.exit(output_dir, step)
 
     # Final evaluation and save (rank 0)
     if rank == 0:
@@ -318,7 +377,7 @@ if __name__ == "__main__":
                 print(f"\ngold reward of sampled responses, {name}:")
                 common.print_table(res, name="gold_reward")
                 print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in res.items()))
-        common.save_run(output_dir, args, model, tokenizer)
-        writer.close()
+        common.save_run(output_dir, args, model, tokenizer, args.total_steps)
+        tracker.close()
     if distributed:
         dist.destroy_process_group()

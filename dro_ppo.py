@@ -87,6 +87,14 @@ class Args:
     # Model
     model_name_or_path: Optional[str] = None
     """a Hugging Face causal LM for the policy (and reference); default: a tiny Llama"""
+    tokenizer_name_or_path: Optional[str] = None
+    """the tokenizer, if not the model's own"""
+    attn_implementation: Optional[str] = None
+    """attention kernel for from_pretrained (sdpa, flash_attention_2, eager, ...); default: transformers' choice"""
+    trust_remote_code: bool = False
+    """allow models and tokenizers whose code lives in their hub repository"""
+    bf16: bool = False
+    """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32"""
     reward_model_path: Optional[str] = None
     """a sequence-classification reward model (e.g. <run>/model of dro_reward.py) with the policy's tokenizer;
     default: the gold reward, which exists for the embedded task's prompts"""
@@ -148,7 +156,23 @@ class Args:
     save_model: bool = True
     """save the trained policy and tokenizer to <output-dir>/model"""
 
+    # Checkpoints
+    save_every: int = 0
+    """save a checkpoint every this many steps (0: only when stopped by SIGTERM or SIGINT)"""
+    keep_checkpoints: int = 2
+    """keep the latest this many checkpoints"""
+    resume: bool = False
+    """continue the run in --output-dir from its latest complete checkpoint"""
+    resume_from: Optional[str] = None
+    """continue from this checkpoint folder (<output-dir>/checkpoints/step-<N>)"""
+    overwrite: bool = False
+    """replace a previous run in --output-dir (by default a folder that holds one is refused)"""
+    skip_nonfinite_steps: bool = False
+    """skip (and count) an optimizer step whose gradient is not finite instead of stopping the run"""
+
     # Filled in at run time
+    run_id: str = ""
+    """the run's name (computed at run time; a resumed run keeps the one it continues)"""
     world_size: int = 1
     """number of processes (computed at run time from torchrun)"""
     local_batch_size: int = 0
@@ -162,7 +186,7 @@ class Args:
                                            "max_new_tokens", "temperature", "eval_batch_size", "max_prompt_length",
                                            "max_train_rows", "max_eval_rows", "sft_learning_rate", "cliprange",
                                            "cliprange_value", "gamma"),
-                          non_negative=("kl_coef", "missing_eos_penalty", "lam", "vf_coef", "eval_every", "sft_steps"))
+                          non_negative=("save_every", "keep_checkpoints", "kl_coef", "missing_eos_penalty", "lam", "vf_coef", "eval_every", "sft_steps"))
 
 
 def load_prompts(source, split, tokenizer, max_prompt_length, skip_bad_rows=False, max_rows=None):
@@ -261,7 +285,8 @@ def rollout_scores(tokenizer, reward_model, prompts, prompt_ids, responses, resp
 
 
 @torch.no_grad()
-def evaluate(policy, reference, reward_model, tokenizer, data, generation_config, batch_size, temperature):
+def evaluate(policy, reference, reward_model, tokenizer, data, generation_config, batch_size, temperature,
+             where="evaluation"):
     """Per-domain gold reward (embedded-task prompts) and reward-model score of generations, and the KL to the reference."""
     gold, kls, rm = [], [], []
     has_gold = all(map(common.is_synthetic_prompt, data["text"]))
@@ -279,6 +304,8 @@ def evaluate(policy, reference, reward_model, tokenizer, data, generation_config
             gold += rollout_scores(tokenizer, None, prompts, prompt_ids, responses, response_mask).tolist()
         if reward_model is not None:
             rm += rollout_scores(tokenizer, reward_model, prompts, prompt_ids, responses, response_mask).tolist()
+    common.check_outputs(kls, "KL to the reference", where, must_vary=False)
+    common.check_outputs(rm, "reward-model score", where)
     report = {"kl": sum(kls) / len(kls)}
     if gold:
         report.update(common.domain_report(gold, data["domain"], "gold_reward"))
@@ -302,8 +329,11 @@ if __name__ == "__main__":
     args.minibatch_size = args.local_batch_size // args.num_minibatches
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 500
-    run_name = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
-    output_dir = args.output_dir or f"runs/{run_name}"
+    args.run_id = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
+    if (args.resume or args.resume_from) and not args.output_dir:
+        raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
+    output_dir = args.output_dir or f"runs/{args.run_id}"
+    checkpoint = common.find_checkpoint(args, output_dir)  # None for a new run
 
     # Seeding: the same model initialisation and prompt order on every rank (each takes its own shard)
     random.seed(args.seed)
@@ -312,7 +342,7 @@ if __name__ == "__main__":
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     # Data: prompts (their chosen responses only for the warm start)
-    tokenizer = common.load_tokenizer(args.model_name_or_path)
+    tokenizer = common.load_tokenizer(args)
     pad_id, end_id = tokenizer.pad_token_id, common.end_token_id(tokenizer)
     train = load_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_length, args.skip_bad_rows,
                          args.max_train_rows)
@@ -328,11 +358,11 @@ if __name__ == "__main__":
                  for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
 
     # Tracking (rank 0 only), once the inputs are checked
-    writer, metrics_path = common.start_tracking(args, run_name, output_dir) if rank == 0 else (None, None)
+    tracker = common.Tracker(args, output_dir, checkpoint) if rank == 0 else None
 
     # Models: policy (warm-started, then frozen as the reference), value model, reward model
     if args.model_name_or_path:
-        policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, args)
     else:
         policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     policy.config.pad_token_id = pad_id
@@ -340,15 +370,16 @@ if __name__ == "__main__":
     ddp_policy = DDP(policy) if distributed else policy
     reward_model = None
     if args.reward_model_path:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
+        reward_model = common.load_model(AutoModelForSequenceClassification, args.reward_model_path, args,
+                                         "--reward-model-path", num_labels=1)
         reward_model.config.pad_token_id = pad_id
         reward_model.to(device).eval().requires_grad_(False)
     start = time.time()
-    if args.sft_steps:  # the tiny model cannot generate anything meaningful from a random init
+    if args.sft_steps and not checkpoint:  # the tiny model cannot generate anything meaningful from a random init
         prompt_lens = [len(p) for p in train["ids"]]
         common.warm_start(ddp_policy, [p + c for p, c in zip(train["ids"], train["chosen"])], prompt_lens, pad_id,
                           args.sft_steps, args.batch_size, args.sft_learning_rate, args.seed + 10_000, rank, world,
-                          writer)
+                          tracker)
     policy.eval()  # no dropout anywhere: the PPO ratio must compare the same function
     reference = copy.deepcopy(policy).requires_grad_(False)
     critic = Critic(policy).to(device)
@@ -360,32 +391,42 @@ if __name__ == "__main__":
     eval_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                    eos_token_id=end_id) if args.eval_greedy else generation_config
     if rank == 0:
-        print(f"{run_name}: {len(train['ids'])} training prompts, {sum(p.numel() for p in policy.parameters()):,} policy "
+        print(f"{args.run_id}: {len(train['ids'])} training prompts, {sum(p.numel() for p in policy.parameters()):,} policy "
               f"parameters, reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "
               f"({time.time() - start:.0f} s), {world} process(es) x {args.batch_size // world} prompts x "
               f"{args.samples_per_prompt} samples per rollout batch")
 
     def evaluate_all(step):
-        results = {split: evaluate(policy, reference, reward_model, tokenizer, data, eval_config, args.eval_batch_size,
-                                   args.temperature) for split, data in eval_sets.items()}
+        with common.autocast(args, device):
+            results = {split: evaluate(policy, reference, reward_model, tokenizer, data, eval_config, args.eval_batch_size,
+                                       args.temperature, f"step {step}, {split}") for split, data in eval_sets.items()}
         for split, report in results.items():
-            common.log_eval(writer, metrics_path, step, split, report)
+            tracker.eval(step, split, report)
         return results
 
-    if rank == 0:
+    if rank == 0 and not checkpoint:
         start_results = evaluate_all(0)
+    torch.manual_seed(args.seed + rank)  # the prompt order is the same on all ranks, the sampling differs per rank
 
-    # Training loop: the prompt order is the same on all ranks, the sampling differs per rank
-    torch.manual_seed(args.seed + rank)
+    # Resuming: the checkpoint's weights, optimizer and RNG states; the prompt order is replayed to its step
+    modules, start_step, skipped_steps = {"policy": policy, "critic": critic, "reference": reference}, 0, 0
     generation_seconds = update_seconds = 0.0
-    for step in tqdm(range(1, args.total_steps + 1), disable=rank != 0, desc="ppo"):
+    if checkpoint:
+        state = common.load_checkpoint(checkpoint, modules, optimizer, None, args, rank, world)
+        start_step, (skipped_steps, start_results, generation_seconds, update_seconds) = state["step"], state["extra"]
+        for _ in range(start_step):
+            next(batches)
+
+    # Training loop
+    stop = common.StopSignal()
+    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, disable=rank != 0, desc="ppo"):
         mine = common.shard(next(batches), rank, world)
         rollout_prompts = [i for i in mine for _ in range(args.samples_per_prompt)]
         prompt_ids = (rank * len(mine) + torch.arange(len(mine), device=device)).repeat_interleave(args.samples_per_prompt)
 
         # 1. Rollouts, scores, per-token rewards (KL penalty + score at the last response token), GAE
         t0 = time.time()
-        with torch.no_grad():
+        with torch.no_grad(), common.autocast(args, device):
             ids, mask, responses, response_mask, ended = common.generate(
                 policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config)
             context_len = ids.shape[1] - responses.shape[1]
@@ -415,34 +456,48 @@ if __name__ == "__main__":
         t0 = time.time()
         for epoch in range(args.num_ppo_epochs):
             for mb in torch.randperm(args.local_batch_size, device=device).split(args.minibatch_size):
-                new_logprobs, _ = common.token_logprobs(ddp_policy, ids[mb], mask[mb], context_len, args.temperature)
-                new_values = ddp_critic(ids[mb], mask[mb])[:, context_len - 1: -1]
+                with common.autocast(args, device):
+                    new_logprobs, _ = common.token_logprobs(ddp_policy, ids[mb], mask[mb], context_len, args.temperature)
+                    new_values = ddp_critic(ids[mb], mask[mb])[:, context_len - 1: -1]
                 pg_loss, vf_loss, ppo_stats = ppo_loss(
                     new_logprobs, logprobs[mb], advantages[mb], new_values, values[mb], returns[mb], response_mask[mb],
                     weights[mb] * world * args.local_batch_size / len(mb), args.cliprange, args.cliprange_value)
                 loss = pg_loss + args.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved")
+                if not torch.isfinite(loss) and not args.skip_nonfinite_steps:
+                    raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
+                                             f"(--skip-nonfinite-steps skips such steps)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                optimizer.step()
+                value_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                if torch.isfinite(grad_norm) and torch.isfinite(value_grad_norm):  # the same on every rank
+                    optimizer.step()
+                elif args.skip_nonfinite_steps:
+                    skipped_steps += 1
+                else:
+                    raise FloatingPointError(f"step {step}: the gradient norm is not finite; stopping before anything "
+                                             f"is saved (--skip-nonfinite-steps skips such steps)")
         update_seconds += time.time() - t0
 
         # Logging: objective/ (the RLHF objective), losses/ (last minibatch), charts/ (progress), dro/
         if rank == 0:
-            common.log_scalars(writer, {
+            tracker.scalars({
                 **dro_stats, **ppo_stats, "objective/score": scores.mean().item(), "objective/kl": kl.sum(1).mean().item(),
                 "objective/entropy": entropy.item(), "objective/rlhf_reward": rewards.sum(1).mean().item(),
                 "losses/policy_loss": pg_loss.item(), "losses/value_loss": vf_loss.item(),
-                "charts/grad_norm": grad_norm.item(), "charts/response_length": response_mask.sum(1).float().mean().item(),
+                "charts/grad_norm": grad_norm.item(), "charts/skipped_steps": skipped_steps,
+                "charts/response_length": response_mask.sum(1).float().mean().item(),
                 "charts/eos_fraction": ended.float().mean().item(), "charts/episodes": step * args.local_batch_size * world,
                 "charts/generation_seconds": generation_seconds, "charts/update_seconds": update_seconds,
                 # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
                 "dro/weighted_advantage": world * (weights * masked_mean(advantages, response_mask, dim=1)).sum().item()}, step)
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
+        if stop.requested() or (args.save_every and step % args.save_every == 0):
+            extra = (skipped_steps, start_results if rank == 0 else None, generation_seconds, update_seconds)
+            common.save_checkpoint(output_dir, step, modules, optimizer, None, extra, args, rank, world)
+            if stop.signum:
+                stop.exit(output_dir, step)
 
     # Final evaluation and save (rank 0)
     if rank == 0:
@@ -458,7 +513,7 @@ if __name__ == "__main__":
                     common.print_table(res, name=name)
         if results:
             print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
-        common.save_run(output_dir, args, policy, tokenizer)
-        writer.close()
+        common.save_run(output_dir, args, policy, tokenizer, args.total_steps)
+        tracker.close()
     if distributed:
         dist.destroy_process_group()

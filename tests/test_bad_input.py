@@ -89,9 +89,14 @@ def test_a_local_file_has_no_splits(tok):
 
 
 def test_missing_model_folder_says_so():
+    from types import SimpleNamespace
+
     for path in ("./no/such/model", "runs/x/model", "/nonexistent"):
+        args = SimpleNamespace(model_name_or_path=path, tokenizer_name_or_path=None, trust_remote_code=False)
         with pytest.raises(common.ArgumentError, match=f"--model-name-or-path {path}: no such folder"):
-            common.load_tokenizer(path)
+            common.load_tokenizer(args)
+    proc = run("dro_ppo.py", "--reward-model-path", "runs/none/model")
+    assert proc.returncode == 2 and "--reward-model-path runs/none/model: no such folder" in proc.stderr
 
 
 def test_eval_split_names_are_unique_and_synthetic_works():

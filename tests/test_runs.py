@@ -1,0 +1,211 @@
+"""Never lose a run: a run killed (SIGKILL or SIGTERM) and resumed ends exactly like an uninterrupted one, saves are
+atomic at every point, nothing non-finite is saved, output folders are never clobbered, and the end of a run cannot
+fail on reporting."""
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {  # a few fast steps, a checkpoint after every one, an evaluation every 3
+    "dro_reward.py": ["--total-steps", "10", "--batch-size", "16", "--max-train-rows", "400", "--max-eval-rows", "32",
+                      "--eval-every", "3", "--save-every", "1"],
+    "dro_dpo.py": ["--total-steps", "10", "--batch-size", "16", "--max-train-rows", "400", "--max-eval-rows", "32",
+                   "--eval-every", "3", "--save-every", "1", "--sft-steps", "3", "--eval-generations", "8",
+                   "--learning-rate", "1e-3", "--warmup-steps", "0"],
+    "dro_ppo.py": ["--total-steps", "10", "--batch-size", "8", "--max-train-rows", "400", "--max-eval-rows", "8",
+                   "--eval-every", "3", "--save-every", "1", "--sft-steps", "3"],
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def command(script, out, *flags):
+    return [sys.executable, os.path.join(ROOT, script), "--output-dir", str(out), *SMALL[script], *flags]
+
+
+def run(script, out, *flags, check=True):
+    proc = subprocess.run(command(script, out, *flags), cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out):
+    """metrics.jsonl without the run id (a resumed run keeps its own id; an uninterrupted one has another)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "run_id"} for line in open(out / "metrics.jsonl")]
+
+
+def weights(out):
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def kill_after_checkpoint(script, out, sig, step=4):
+    """Start a run and send it `sig` once the checkpoint of `step` exists (before the run ends)."""
+    proc = subprocess.Popen(command(script, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 240
+    while not os.path.exists(out / "checkpoints" / f"step-{step:08d}" / "COMPLETE") and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    assert not os.path.exists(out / "model"), "the run ended before it was killed: the test tested nothing"
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("script", list(SMALL))
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, script):
+    run(script, tmp_path / "whole")
+    code, _ = kill_after_checkpoint(script, tmp_path / "killed", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    run(script, tmp_path / "killed", "--resume")
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "whole")
+    a, b = weights(tmp_path / "killed"), weights(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = {json.loads(line)["run_id"] for line in open(tmp_path / "killed" / "metrics.jsonl")}
+    assert len(ids) == 1  # the resumed run kept the id of the run it continued
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(tmp_path):
+    script = "dro_reward.py"
+    run(script, tmp_path / "whole")
+    code, err = kill_after_checkpoint(script, tmp_path / "term", signal.SIGTERM, step=2)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM after step" in err and "Traceback" not in err
+    run(script, tmp_path / "term", "--resume")
+    assert metrics(tmp_path / "term") == metrics(tmp_path / "whole")
+    a, b = weights(tmp_path / "term"), weights(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    run("dro_reward.py", out, "--total-steps", "2")
+    latest = sorted((out / "checkpoints").iterdir())[-1]
+    state = latest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    proc = run("dro_reward.py", out, "--resume", check=False)
+    assert proc.returncode == 2 and f"checkpoint {latest} cannot be read" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("dro_dpo.py", out, "--resume", check=False)  # another script's checkpoint
+    assert proc.returncode == 2 and "cannot be read" in proc.stderr or "written with script 'dro_reward'" in proc.stderr
+
+
+def test_output_folder_is_never_clobbered(tmp_path):
+    out = tmp_path / "run"
+    run("dro_reward.py", out, "--total-steps", "2")
+    before = (out / "metrics.jsonl").read_text()
+    proc = run("dro_reward.py", out, "--total-steps", "2", check=False)
+    assert proc.returncode == 2 and "holds a previous run" in proc.stderr and "--resume" in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    with open(out / ".lock", "w") as lock:  # a concurrent run holds the folder
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run("dro_reward.py", out, "--total-steps", "2", "--overwrite", check=False)
+    assert proc.returncode == 2 and "another run is writing to this folder" in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    run("dro_reward.py", out, "--total-steps", "2", "--overwrite")
+    assert len(list(out.glob("events.out.tfevents*"))) == 1  # the previous run's files are gone
+
+
+@pytest.mark.parametrize("script", ["dro_reward.py", "dro_dpo.py"])
+def test_nan_in_the_last_update_saves_nothing(tmp_path, script):
+    out = tmp_path / "run"
+    proc = run(script, out, "--total-steps", "1", "--warmup-steps", "0", "--learning-rate", "1e9", "--save-every", "0",
+               "--eval-every", "0", check=False)
+    assert proc.returncode != 0 and "not finite" in proc.stderr and "nothing was saved" in proc.stderr
+    assert not os.path.exists(out / "model") and not os.path.exists(out / "args.json")
+
+
+INJECT_NAN = """
+import runpy, sys, torch
+clip, calls = torch.nn.utils.clip_grad_norm_, [0]
+def nan_once(params, max_norm):  # the gradient of step 2 turns NaN
+    params = list(params)
+    calls[0] += 1
+    if calls[0] == 2:
+        for p in params:
+            p.grad.fill_(float("nan"))
+    return clip(params, max_norm)
+torch.nn.utils.clip_grad_norm_ = nan_once
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_nonfinite_gradient_stops_the_run_or_is_skipped_and_counted(tmp_path):
+    script = os.path.join(ROOT, "dro_reward.py")
+    base = [sys.executable, "-c", INJECT_NAN, script, "--total-steps", "3", "--eval-every", "0", "--log-every", "1",
+            "--max-train-rows", "200", "--max-eval-rows", "16"]
+    proc = subprocess.run(base + ["--output-dir", str(tmp_path / "stop")], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert proc.returncode != 0 and "step 2: the gradient norm is nan" in proc.stderr
+    assert not os.path.exists(tmp_path / "stop" / "model")
+    proc = subprocess.run(base + ["--output-dir", str(tmp_path / "skip"), "--skip-nonfinite-steps"], cwd=ROOT,
+                          capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.isfinite(weights(tmp_path / "skip")["score.weight"]).all()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "skip")).Reload()
+    assert [e.value for e in events.Scalars("charts/skipped_steps")] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("fail_at", range(8))
+def test_a_save_killed_at_any_point_leaves_a_complete_model(tmp_path, monkeypatch, fail_at):
+    """save_atomically with a failure injected before its k-th file operation: a complete model always remains
+    (the new or the old one, at model/ or, between the two renames, model.old/), and the next save recovers."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = common.tiny_tokenizer()
+    old_model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
+    new_model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
+    path = str(tmp_path / "model")
+    common.save_atomically(old_model, tok, path)
+    calls = {"n": 0}
+    real = {name: getattr(os, name) for name in ("replace", "fsync")}
+
+    def failing(name):
+        def op(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] > fail_at:
+                raise KeyboardInterrupt("killed")
+            return real[name](*a, **kw)
+        return op
+
+    for name in real:
+        monkeypatch.setattr(os, name, failing(name))
+    try:
+        common.save_atomically(new_model, tok, path)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    survivor = path if os.path.exists(path) else path + ".old"
+    loaded = AutoModelForSequenceClassification.from_pretrained(survivor).state_dict()
+    expected = [m.state_dict() for m in (old_model, new_model)]
+    assert any(all(torch.equal(loaded[k], e[k]) for k in e) for e in expected)
+    common.save_atomically(new_model, tok, path)  # the next save puts everything right
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_ppo_writes_its_model_with_every_reward_and_eval_combination(tmp_path):
+    """gold / reward model x embedded eval / a non-embedded eval set / none: the run always reports and saves."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = common.tiny_tokenizer()
+    common.save_atomically(AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1)),
+                           tok, str(tmp_path / "rm"))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "What is 2+2?\n", "chosen": "4", "rejected": "5"}) + "\n")
+    fast = ["--total-steps", "1", "--save-every", "0", "--eval-every", "0"]
+    for i, (reward, evals) in enumerate([([], []), ([], ["--eval-datasets", str(other), "synthetic"]),
+                                         (["--reward-model-path", str(tmp_path / "rm")], ["--eval-datasets", str(other)]),
+                                         (["--reward-model-path", str(tmp_path / "rm")], [])]):
+        out = tmp_path / f"run{i}"
+        dataset = ["--dataset", str(other), "--batch-size", "1", "--sft-steps", "0"] if reward and not evals else []
+        run("dro_ppo.py", out, *fast, *reward, *evals, *dataset)
+        assert os.path.exists(out / "model" / "config.json") and os.path.exists(out / "args.json"), (reward, evals)
