@@ -4,9 +4,10 @@
     python bench/sweep.py --steps 4000 --settings erm:0 chi2:0.5   # its 4x budget check
     python bench/sweep.py --script dro_dpo.py --steps 600 --settings erm:0 chi2:0.5 chi2:1 --metric gold_reward
 
-Runs go to runs/sweep_<script>[_<tag>]/<kind><rho>_s<seed>_n<steps>; finished runs are reused. Two runs at a time,
-one thread each. Prints, for each setting, mean +- std over seeds of the per-domain accuracy on the
-in-distribution validation split (used to choose the default) and on the shifted test_uniform split.
+Runs go to runs/sweep_<script>[_<tag>]/<kind><rho>_s<seed>_n<steps>; finished runs (with args.json) are reused, an
+unfinished one is run again from the start (--overwrite). Two runs at a time, one thread each. Prints, for each
+setting, mean +- std over seeds of the per-domain accuracy on the in-distribution validation split (used to choose
+the default) and on the shifted test_uniform split.
 """
 
 import argparse
@@ -26,9 +27,11 @@ def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag="
     out = os.path.join(ROOT, "runs", folder, f"{kind}{rho}_s{seed}_n{steps}")
     if not os.path.exists(os.path.join(out, "args.json")):
         cmd = [sys.executable, os.path.join(ROOT, script), "--dro.kind", kind, "--dro.rho", rho, "--seed", str(seed),
-               steps_flag, str(steps), "--output-dir", out, "--no-save-model", *extra]
+               steps_flag, str(steps), "--output-dir", out, "--no-save-model", "--overwrite", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     last = max(r["step"] for r in rows)
     return {r["split"]: r for r in rows if r["step"] == last}
@@ -36,7 +39,9 @@ def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag="
 
 def fmt(values, pct=100.0):
     """mean ± std over seeds, in % for accuracies and gold rewards (gold rewards lie in [0, 1])"""
-    return f"{pct * statistics.mean(values):.1f} ± {pct * statistics.stdev(values):.1f}" if len(values) > 1 else f"{pct * values[0]:.1f}"
+    if len(values) == 1:
+        return f"{pct * values[0]:.1f}"
+    return f"{pct * statistics.mean(values):.1f} ± {pct * statistics.stdev(values):.1f}"
 
 
 if __name__ == "__main__":
@@ -66,4 +71,5 @@ if __name__ == "__main__":
             cells = [fmt([r[f"domain_{m}"][d] for r in rs]) for d in domains]
             means = [statistics.mean(r[f"domain_{m}"].values()) for r in rs]
             kl = f" {fmt([r['kl'] for r in rs], pct=1.0)} |" if has_kl else ""
-            print(f"| {s} | " + " | ".join(cells) + f" | {fmt(means)} | {fmt([r[f'worst_domain_{m}'] for r in rs])} |" + kl)
+            worst = fmt([r[f"worst_domain_{m}"] for r in rs])
+            print(f"| {s} | " + " | ".join(cells) + f" | {fmt(means)} | {worst} |" + kl)
