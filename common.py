@@ -805,7 +805,7 @@ def load_tokenizer(args):
     return tokenizer
 
 
-def load_model(auto_class, path: str, args, flag: str = "--model-name-or-path", **kwargs):
+def load_model(auto_class, path: str, args, tokenizer, flag: str = "--model-name-or-path", **kwargs):
     """A pretrained model with float32 master weights whatever dtype its checkpoint is stored in (transformers
     would otherwise load a bf16 checkpoint as bf16, and Adam's updates would then mostly round away); --bf16
     adds bf16 autocast for the forward passes instead. Says what was loaded and how it trains."""
@@ -818,6 +818,11 @@ def load_model(auto_class, path: str, args, flag: str = "--model-name-or-path", 
                                            trust_remote_code=args.trust_remote_code, **kwargs)
     except OSError as e:
         raise ArgumentError(f"{flag} {path}: no model found ({e})") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ArgumentError(f"{flag} {path}: the tokenizer has {len(tokenizer)} tokens (pad id {tokenizer.pad_token_id}) "
+                            f"but the model embeds only {rows}: it is not the model's own tokenizer (transformers may "
+                            f"have built one for the model type from other files); pass --tokenizer-name-or-path")
     print(f"{path}: checkpoint stored in {stored or 'float32'}; float32 master weights"
           + (", bf16 autocast" if args.bf16 else ""))
     return model

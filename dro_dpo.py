@@ -259,7 +259,7 @@ if __name__ == "__main__":
 
     # Model: any causal LM, or a tiny Llama built from a config; warm-started, it becomes the frozen reference
     if args.model_name_or_path:
-        model = common.load_model(AutoModelForCausalLM, args.model_name_or_path, args)
+        model = common.load_model(AutoModelForCausalLM, args.model_name_or_path, args, tokenizer)
     else:
         model = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     model.config.pad_token_id = pad_id
@@ -272,7 +272,7 @@ if __name__ == "__main__":
         common.warm_start(ddp_model, train["chosen"] + train["rejected"], train["prompt_len"] * 2, pad_id, args.sft_steps,
                           2 * args.batch_size, args.sft_learning_rate, args.seed + 10_000, rank, world)
     if args.ref_model:
-        reference = common.load_model(AutoModelForCausalLM, args.ref_model, args, "--ref-model").to(device)
+        reference = common.load_model(AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model").to(device)
     else:
         reference = copy.deepcopy(model)
     reference.eval().requires_grad_(False)

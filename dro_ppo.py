@@ -362,7 +362,7 @@ if __name__ == "__main__":
 
     # Models: policy (warm-started, then frozen as the reference), value model, reward model
     if args.model_name_or_path:
-        policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, args)
+        policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, args, tokenizer)
     else:
         policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     policy.config.pad_token_id = pad_id
@@ -370,7 +370,7 @@ if __name__ == "__main__":
     ddp_policy = DDP(policy) if distributed else policy
     reward_model = None
     if args.reward_model_path:
-        reward_model = common.load_model(AutoModelForSequenceClassification, args.reward_model_path, args,
+        reward_model = common.load_model(AutoModelForSequenceClassification, args.reward_model_path, args, tokenizer,
                                          "--reward-model-path", num_labels=1)
         reward_model.config.pad_token_id = pad_id
         reward_model.to(device).eval().requires_grad_(False)

@@ -197,7 +197,8 @@ if __name__ == "__main__":
 
     # Model: any sequence classifier with one output, or a tiny Llama built from a config
     if args.model_name_or_path:
-        model = common.load_model(AutoModelForSequenceClassification, args.model_name_or_path, args, num_labels=1)
+        model = common.load_model(AutoModelForSequenceClassification, args.model_name_or_path, args, tokenizer,
+                                  num_labels=1)
     else:
         model = AutoModelForSequenceClassification.from_config(common.tiny_config(tokenizer, num_labels=1))
     model.config.pad_token_id = pad_id

@@ -41,9 +41,9 @@ def model_folder(path, arch, kind, dtype=torch.float32, pad_is_eos=True):
     else:
         config = common.tiny_config(tok)
         config.pad_token_id = tok.pad_token_id
+    config.num_labels = 1
     torch.manual_seed(0)
-    auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
-    model = auto.from_config(config, num_labels=1) if kind == "reward" else auto.from_config(config)
+    model = (AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM).from_config(config)
     model.to(dtype).save_pretrained(path)
     tok.save_pretrained(path)
     return path

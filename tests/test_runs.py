@@ -17,14 +17,14 @@ from safetensors.torch import load_file
 import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = {  # a few fast steps, a checkpoint after every one, an evaluation every 3
-    "dro_reward.py": ["--total-steps", "10", "--batch-size", "16", "--max-train-rows", "400", "--max-eval-rows", "32",
-                      "--eval-every", "3", "--save-every", "1"],
-    "dro_dpo.py": ["--total-steps", "10", "--batch-size", "16", "--max-train-rows", "400", "--max-eval-rows", "32",
-                   "--eval-every", "3", "--save-every", "1", "--sft-steps", "3", "--eval-generations", "8",
+SMALL = {  # a few fast steps, a checkpoint after every one, an evaluation every 2
+    "dro_reward.py": ["--total-steps", "8", "--batch-size", "16", "--max-train-rows", "200", "--max-eval-rows", "16",
+                      "--eval-every", "2", "--save-every", "1"],
+    "dro_dpo.py": ["--total-steps", "8", "--batch-size", "16", "--max-train-rows", "200", "--max-eval-rows", "16",
+                   "--eval-every", "2", "--save-every", "1", "--sft-steps", "2", "--eval-generations", "4",
                    "--learning-rate", "1e-3", "--warmup-steps", "0"],
-    "dro_ppo.py": ["--total-steps", "10", "--batch-size", "8", "--max-train-rows", "400", "--max-eval-rows", "8",
-                   "--eval-every", "3", "--save-every", "1", "--sft-steps", "3"],
+    "dro_ppo.py": ["--total-steps", "8", "--batch-size", "8", "--max-train-rows", "200", "--max-eval-rows", "4",
+                   "--eval-every", "2", "--save-every", "1", "--sft-steps", "2"],
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -48,7 +48,7 @@ def weights(out):
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-def kill_after_checkpoint(script, out, sig, step=4):
+def kill_after_checkpoint(script, out, sig, step=3):
     """Start a run and send it `sig` once the checkpoint of `step` exists (before the run ends)."""
     proc = subprocess.Popen(command(script, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 240
