@@ -22,7 +22,7 @@ def test_unified_feedback(tok):
     ds = load("unified_feedback.jsonl", tok)
     assert len(ds) == 3  # the tied row (equal ratings) carries no preference and is dropped
     assert ds[0] == {"prompt": "user: What is 2+2?\nassistant: ", "chosen": "4\n", "rejected": "5\n",
-                     "domain": "ultrafeedback", "row": 0}
+                     "domain": "ultrafeedback", "row": 0, "where": os.path.join(FIX, "unified_feedback.jsonl") + ", line 1"}
     assert ds[1]["chosen"] == "Hi!\n" and ds[1]["rejected"] == "Go away.\n"  # conv_B rated higher
     assert ds[2]["prompt"].endswith("assistant: Red.\nuser: Another?\nassistant: ") and ds[2]["chosen"] == "Blue.\n"
     assert ds[2]["row"] == 3
@@ -45,7 +45,7 @@ def test_conversational_rows_use_the_chat_template(tok):
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     ds = load("conversational.jsonl", tok)
     assert ds[0] == {"prompt": "<user>Say yes.</s><assistant>", "chosen": "yes</s>", "rejected": "no</s>",
-                     "domain": "all", "row": 0}
+                     "domain": "all", "row": 0, "where": os.path.join(FIX, "conversational.jsonl") + ", line 1"}
     assert ds[1]["prompt"] == "<user>Say no.</s><assistant>" and ds[1]["chosen"] == "no</s>"  # implicit prompt
 
 
@@ -60,9 +60,9 @@ def test_plain_parquet_and_tokenization(tok):
 
 
 @pytest.mark.parametrize("name,message", [
-    ("bad_missing_column.jsonl", "bad_missing_column.jsonl, row 1: missing column(s) ['rejected']"),
-    ("bad_empty_response.jsonl", "bad_empty_response.jsonl, row 2: 'chosen' must be a non-empty string"),
-    ("bad_nonstring_response.jsonl", "bad_nonstring_response.jsonl, row 1: 'chosen' must be a non-empty string, got 3"),
+    ("bad_missing_column.jsonl", "bad_missing_column.jsonl, line 2: missing column(s) ['rejected']"),
+    ("bad_empty_response.jsonl", "bad_empty_response.jsonl, line 3: 'chosen' must be a non-empty string"),
+    ("bad_nonstring_response.jsonl", "bad_nonstring_response.jsonl, line 2: 'chosen' must be a non-empty string, got 3"),
 ])
 def test_bad_rows_name_file_and_row(tok, name, message):
     with pytest.raises(common.DataError) as e:
@@ -74,7 +74,7 @@ def test_bad_rows_name_file_and_row(tok, name, message):
 
 def test_too_long_is_an_error_never_a_truncation(tok, capsys):
     ds = load("bad_too_long.jsonl", tok)
-    with pytest.raises(common.DataError, match=r"bad_too_long.jsonl, row 1: prompt \+ response is 202 tokens"):
+    with pytest.raises(common.DataError, match=r"bad_too_long.jsonl, line 2: prompt \+ response is 202 tokens"):
         common.tokenize_preferences(ds, tok, 64, "bad_too_long.jsonl")
     t = common.tokenize_preferences(ds, tok, 64, "bad_too_long.jsonl", skip_bad_rows=True)
     assert len(t["chosen"]) == 1 and "skipped 1 row" in capsys.readouterr().out

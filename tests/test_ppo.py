@@ -180,7 +180,7 @@ def test_torchrun_two_processes(tmp_path):
 def test_too_long_prompt_is_an_error_naming_the_row(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "dro_ppo.py"), "--max-prompt-length", "12", "--output-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "synthetic, row " in proc.stderr and "--max-prompt-length 12" in proc.stderr
+    assert proc.returncode != 0 and "synthetic train, row " in proc.stderr and "--max-prompt-length 12" in proc.stderr
     assert not os.path.exists(tmp_path / "model")
 
 

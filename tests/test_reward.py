@@ -80,7 +80,7 @@ def test_smoke_run(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {r["step"] for r in rows} == {3, 6}
     assert {r["split"] for r in rows} == {"validation", "test_id", "test_uniform", "test_minority"}
-    assert set(rows[0]) == {"step", "split", "accuracy", "worst_domain_accuracy", "domain_accuracy"}
+    assert set(rows[0]) == {"step", "split", "accuracy", "worst_domain_accuracy", "domain_accuracy", "run_id"}
     assert set(rows[0]["domain_accuracy"]) == set(common.SYNTHETIC_DOMAINS)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
     assert model.config.num_labels == 1
