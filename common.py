@@ -58,113 +58,136 @@ def robust_weights(losses: torch.Tensor, kind: str, rho: float, return_dual: boo
     """Worst-case weights q* = argmax_{q in Q_rho} sum_i q_i * losses_i over the B entries of `losses`.
 
     Exact maximisers (kl: to 1e-10 in the divergence), computed in float64 without gradient in a few
-    O(B) passes (selection, not sorting), no Python loop over B.
-    Entries with equal losses always get equal weights. With `return_dual`, also returns the dual
-    variable (tv: the rho-quantile eta; chi2: the threshold eta; kl: the temperature tau; else nan).
+    O(B) passes (selection, not sorting), no Python loop over B; finite for any finite losses, up to spreads
+    of the whole float64 range. Entries with equal losses always get equal weights. With `return_dual`, also
+    returns the dual variable (tv: the rho-quantile eta; chi2: the threshold eta; kl: the temperature tau; else nan).
     """
     if kind not in DRO_KINDS:
         raise ValueError(f"unknown DRO kind {kind!r}; expected one of {DRO_KINDS}")
-    if rho < 0 or (kind == "tv" and rho > 1):
-        raise ValueError(f"invalid radius rho={rho} for kind {kind!r}")
+    if not math.isfinite(rho) or rho < 0 or (kind == "tv" and rho > 1):
+        raise ValueError(f"invalid radius rho={rho} for kind {kind!r}: a finite number >= 0 (tv: in [0, 1])")
     if losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(f"losses must be a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
-    l = losses.detach().to(torch.float64)
-    if not math.isfinite(l.sum().item()):  # a NaN or inf anywhere makes the sum non-finite
+    x = losses.detach().to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
         raise ValueError("robust_weights got a NaN or infinite loss")
-    B = l.numel()
-    top = l.max()
-    l = l - top  # equivariance to shifts, and no overflow anywhere below
-    at_max = l == 0
+    B = x.numel()
+    top, scale = x.max(), 1.0
+    x = x - top  # equivariance to shifts, and no overflow anywhere below
+    if not math.isfinite(x.min().item()):  # a spread beyond the float64 range: halve (q* is scale-invariant)
+        x, top, scale = (losses.detach().to(torch.float64) / 2 - top / 2), top / 2, 2.0
+    at_max = x == 0
     dual = float("nan")
     if kind == "erm" or rho == 0 or B == 1 or bool(at_max.all()):
-        q = torch.full_like(l, 1.0 / B)
+        q = torch.full_like(x, 1.0 / B)
     elif kind == "tv":
-        q, eta = _tv(l, at_max, rho)
-        dual = eta + top.item()
+        q, eta = _tv(x, at_max, rho)
+        dual = scale * (eta + top.item())
     elif kind == "cvar":
-        q = _cvar(l, rho)
+        q = _cvar(x, rho)
     elif kind == "chi2":
-        q, eta = _chi2(l, at_max, rho)
-        dual = eta + top.item()
+        q, eta = _chi2(x, at_max, rho)
+        dual = scale * (eta + top.item())
     else:
-        q, dual = _kl(l, at_max, rho)
+        q, tau = _kl(x, at_max, rho)
+        dual = scale * tau
     q = q / q.sum()
     return (q, dual) if return_dual else q
 
 
-def _tv(l, at_max, rho):
+def _tv(x, at_max, rho):
     # Take mass rho from the smallest losses (each down to 0), give it to the largest (shared by ties).
-    B = l.numel()
+    B = x.numel()
     m = min(rho, 1.0)
     j = min(int(math.floor(m * B)), B - 1)  # the (j+1)-th smallest loss is the partially emptied one
-    eta = torch.kthvalue(l, j + 1).values
-    below, at = l < eta, l == eta
+    eta = torch.kthvalue(x, j + 1).values
+    below, at = x < eta, x == eta
     removed_at = (m - below.sum().item() / B) / at.sum().item()  # mass each tie at eta gives up
-    q = torch.full_like(l, 1.0 / B)
+    q = torch.full_like(x, 1.0 / B)
     q[below] = 0.0
     q[at] = max(1.0 / B - removed_at, 0.0)
     q[at_max] += (1.0 - q.sum()) / at_max.sum()
     return q, eta.item()
 
 
-def _cvar(l, rho):
+def _cvar(x, rho):
     # Fill the largest losses up to the cap (1 + rho) / B until the mass is spent; ties share.
-    B = l.numel()
+    B = x.numel()
     cap = min((1.0 + rho) / B, 1.0)
     n = min(max(int(math.ceil(1.0 / cap)), 1), B)  # how many losses get mass
-    b = torch.kthvalue(l, B - n + 1).values  # n-th largest loss
-    above, at = l > b, l == b
-    q = torch.zeros_like(l)
+    b = torch.kthvalue(x, B - n + 1).values  # n-th largest loss
+    above, at = x > b, x == b
+    q = torch.zeros_like(x)
     q[above] = cap
     q[at] = max(1.0 - cap * above.sum().item(), 0.0) / at.sum().item()
     return q.clamp(max=cap)
 
 
-def _chi2(l, at_max, rho, iters=100):
-    # q_i proportional to (l_i - eta)_+ with eta such that (1/2B) sum (B q_i - 1)^2 = rho (Levy et al. 2020).
-    # For a fixed active set {l > eta} of size k the equation is a quadratic in eta, solved in closed
+def _chi2(x, at_max, rho, iters=100):
+    # q_i proportional to (x_i - eta)_+ with eta such that (1/2B) sum (B q_i - 1)^2 = rho (Levy et al. 2020).
+    # For a fixed active set {x > eta} of size k the equation is a quadratic in eta, solved in closed
     # form. Starting from all losses, the active set shrinks to the support of q* (as in Michelot's
-    # simplex projection), in a handful of O(B) passes.
-    B = l.numel()
+    # simplex projection), in a handful of O(B) passes. Where rounding defeats the closed form (losses
+    # spread over many orders of magnitude), a bisection on eta, which cannot fail, takes over.
+    B = x.numel()
     c = 1.0 + 2.0 * rho  # the constraint in the form B * sum q_i^2 = c
     if B * 1.0 / at_max.sum().item() <= c:  # even the point mass on the maxima is inside the set
-        return at_max.to(l.dtype), 0.0
-    active = torch.ones_like(l, dtype=torch.bool)
+        return at_max.to(x.dtype), 0.0
+    active = torch.ones_like(x, dtype=torch.bool)
     for _ in range(iters):
         k = active.sum().item()
-        mean = (l * active).sum() / k
-        denom = c / B - 1.0 / k  # > 0: the support of q* has more than B / c losses
+        mean = (x * active).sum() / k
+        denom = c / B - 1.0 / k  # > 0 in exact arithmetic: the support of q* has more than B / c losses
         if denom <= 0:
-            raise RuntimeError(f"chi2 worst case: active set of {k} losses below B / c = {B / c}")
-        eta = mean - torch.sqrt((((l - mean) * active) ** 2).sum() / denom) / k
-        new_active = l > eta
+            return _chi2_bisection(x, c)
+        eta = mean - torch.sqrt((((x - mean) * active) ** 2).sum() / denom) / k
+        new_active = x > eta
         if torch.equal(new_active, active):
             break
         active = new_active
-    q = (l - eta).clamp(min=0.0)
-    if q.sum() <= 0:
-        return at_max.to(l.dtype), 0.0
+    q = (x - eta).clamp(min=0.0)
+    if not (math.isfinite(eta.item()) and 0 < q.sum().item() < math.inf and abs(B * (q / q.sum()).square().sum().item() - c) <= 1e-6 * c):
+        return _chi2_bisection(x, c)
     return q, eta.item()
 
 
-def _kl(l, at_max, rho, iters=200):
-    # q_i proportional to exp(l_i / tau), tau such that KL(q || uniform) = rho. We solve for
-    # beta = 1 / tau with Newton steps safeguarded by bisection: dKL/dbeta = beta * Var_q(l) >= 0.
-    B = l.numel()
+def _chi2_bisection(x, c, iters=200):
+    # f(eta) = B sum (x - eta)_+^2 / (sum (x - eta)_+)^2 grows from 1 (eta -> -inf) to B / #maxima > c (eta -> 0):
+    # bisect for f(eta) = c on losses scaled to [-1, 0], keeping the side where the constraint holds.
+    B, scale = x.numel(), -x.min()
+    y = x / scale
+
+    def f(eta):
+        p = (y - eta).clamp(min=0.0)
+        return B * (p / p.sum()).square().sum().item()
+
+    lo, hi = -1.0, 0.0
+    while f(lo) > c:  # f -> 1 as eta -> -inf
+        lo = 2.0 * lo
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) <= c else (lo, mid)
+    return (y - lo).clamp(min=0.0), lo * scale.item()
+
+
+def _kl(x, at_max, rho, iters=1100):
+    # q_i proportional to exp(x_i / tau), tau such that KL(q || uniform) = rho. We solve for
+    # beta = 1 / tau with Newton steps safeguarded by bisection: dKL/dbeta = beta * Var_q(x) >= 0.
+    B = x.numel()
     if math.log(B / at_max.sum().item()) <= rho:  # the point mass on the maxima is inside the set
-        return at_max.to(l.dtype), 0.0
-    scale = -l.min()  # losses now lie in [-scale, 0] with scale > 0
-    x = l / scale
+        return at_max.to(x.dtype), 0.0
+    scale = -x.min()  # losses now lie in [-scale, 0] with scale > 0
+    y = x / scale
 
     def kl_and_slope(beta):
-        e = torch.exp(beta * x)  # x <= 0 with max 0: no overflow, and the sum is >= 1
+        e = torch.exp(beta * y)  # y <= 0 with max 0: no overflow, and the sum is >= 1
         total = e.sum()
-        mean = (e * x).sum() / total
+        mean = (e * y).sum() / total
         kl = beta * mean - torch.log(total) + math.log(B)
-        return kl.item(), beta * ((e * (x - mean) ** 2).sum() / total).item()
+        return kl.item(), beta * ((e * (y - mean) ** 2).sum() / total).item()
 
     lo, hi = 0.0, math.inf
-    beta = math.sqrt(2.0 * rho / x.var(unbiased=False).item())  # KL ~ beta^2 Var(x) / 2 for small beta
+    beta = math.sqrt(2.0 * rho / y.var(unbiased=False).item())  # KL ~ beta^2 Var(y) / 2 for small beta
     for _ in range(iters):
         kl, slope = kl_and_slope(beta)
         if abs(kl - rho) <= 1e-10 * max(1.0, rho):
@@ -172,8 +195,10 @@ def _kl(l, at_max, rho, iters=200):
         lo, hi = (beta, hi) if kl < rho else (lo, beta)
         step = beta - (kl - rho) / slope if slope > 0 else math.nan
         beta = step if lo < step < hi else (0.5 * (lo + hi) if hi < math.inf else 2.0 * beta)
-    q = torch.softmax(beta * x, 0)
-    return q, scale.item() / beta
+    if kl - rho > 1e-10 * max(1.0, rho):  # not converged (near-ties at a tiny fraction of the spread): the feasible side
+        beta = lo
+    q = torch.softmax(beta * y, 0)
+    return q, scale.item() / beta if beta > 0 else math.inf
 
 
 def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: DROArgs):
