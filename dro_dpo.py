@@ -86,7 +86,7 @@ class Args:
     """the frozen reference pi_ref, if not the starting policy (e.g. the SFT model a trained policy came from)"""
     sft_steps: Optional[int] = None
     """supervised warm start on both responses of the training pairs before DPO (the reference is the
-    warm-started model); default: 500 for the tiny model, 0 for --model-name-or-path"""
+    warm-started model); default: 1000 for the tiny model, 0 for --model-name-or-path"""
     sft_learning_rate: float = 3e-3
     """peak learning rate of the warm start (cosine decay to 0)"""
 
@@ -232,7 +232,7 @@ if __name__ == "__main__":
                                    f"steps = {world * args.gradient_accumulation_steps}")
     args.micro_batch_size = args.batch_size // (world * args.gradient_accumulation_steps)
     if args.sft_steps is None:
-        args.sft_steps = 0 if args.model_name_or_path else 500
+        args.sft_steps = 0 if args.model_name_or_path else 1000
     args.run_id = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     if (args.resume or args.resume_from) and not args.output_dir:
         raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")

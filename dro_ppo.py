@@ -100,7 +100,7 @@ class Args:
     default: the gold reward, which exists for the embedded task's prompts"""
     sft_steps: Optional[int] = None
     """supervised warm start on the chosen responses of --dataset (the reference is the warm-started model);
-    default: 500 for the tiny model, 0 for --model-name-or-path"""
+    default: 1000 for the tiny model, 0 for --model-name-or-path"""
     sft_learning_rate: float = 3e-3
     """peak learning rate of the warm start (cosine decay to 0)"""
 
@@ -328,7 +328,7 @@ if __name__ == "__main__":
         raise common.ArgumentError(f"rollouts per process {args.local_batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
     args.minibatch_size = args.local_batch_size // args.num_minibatches
     if args.sft_steps is None:
-        args.sft_steps = 0 if args.model_name_or_path else 500
+        args.sft_steps = 0 if args.model_name_or_path else 1000
     args.run_id = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
     if (args.resume or args.resume_from) and not args.output_dir:
         raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
