@@ -33,7 +33,7 @@ class DROArgs:
     kind: Literal["erm", "tv", "chi2", "kl", "cvar"] = "chi2"
     """ambiguity set around the uniform distribution over the prompts of a batch"""
     rho: float = 0.5
-    """radius of the set (tv: total variation in [0, 1]; chi2: (1/2B) sum (Bq-1)^2; kl: KL(q||u); cvar: q_i <= (1+rho)/B)"""
+    """radius (tv: total variation in [0, 1]; chi2: (1/2B) sum (Bq-1)^2; kl: KL(q||u); cvar: q_i <= (1+rho)/B)"""
 
     def __post_init__(self):
         if self.kind not in DRO_KINDS:
@@ -44,11 +44,12 @@ class DROArgs:
             raise ValueError(f"--dro.rho must be in [0, 1] for --dro.kind tv (a total variation), got {self.rho}")
 
 
-def check_args(args, positive=(), non_negative=()):
-    """Raise a ValueError naming the first flag of `positive` that is not > 0 or of `non_negative` that is < 0
-    (None means "not set" and passes); called in the scripts' Args.__post_init__, so tyro reports it at parse time."""
+def check_args(args, positive: str = "", non_negative: str = ""):
+    """Raise a ValueError naming the first field in `positive` (space-separated names) that is not > 0, or in
+    `non_negative` that is < 0 (None means "not set" and passes); called in the scripts' Args.__post_init__, so
+    tyro reports it at parse time with the flag's name."""
     for names, bad, allowed in ((positive, lambda v: v <= 0, "> 0"), (non_negative, lambda v: v < 0, ">= 0")):
-        for name in names:
+        for name in names.split():
             value = getattr(args, name)
             if value is not None and (bad(value) or (isinstance(value, float) and not math.isfinite(value))):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number {allowed}, got {value}")
@@ -146,7 +147,11 @@ def _chi2(x, at_max, rho, iters=100):
             break
         active = new_active
     q = (x - eta).clamp(min=0.0)
-    if not (math.isfinite(eta.item()) and 0 < q.sum().item() < math.inf and abs(B * (q / q.sum()).square().sum().item() - c) <= 1e-6 * c):
+    if not (
+        math.isfinite(eta.item())
+        and 0 < q.sum().item() < math.inf
+        and abs(B * (q / q.sum()).square().sum().item() - c) <= 1e-6 * c
+    ):
         return _chi2_bisection(x, c)
     return q, eta.item()
 
@@ -195,7 +200,9 @@ def _kl(x, at_max, rho, iters=1100):
         lo, hi = (beta, hi) if kl < rho else (lo, beta)
         step = beta - (kl - rho) / slope if slope > 0 else math.nan
         beta = step if lo < step < hi else (0.5 * (lo + hi) if hi < math.inf else 2.0 * beta)
-    if kl - rho > 1e-10 * max(1.0, rho):  # not converged (near-ties at a tiny fraction of the spread): the feasible side
+    if kl - rho > 1e-10 * max(
+        1.0, rho
+    ):  # not converged (near-ties at a tiny fraction of the spread): the feasible side
         beta = lo
     q = torch.softmax(beta * y, 0)
     return q, scale.item() / beta if beta > 0 else math.inf
@@ -231,7 +238,7 @@ def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: D
         "dro/ess_fraction": 1.0 / (q.square().sum().item() * len(q)),
         "dro/dual": dual,
     }
-    return weights[offset: offset + losses.numel()].to(losses.dtype), stats
+    return weights[offset : offset + losses.numel()].to(losses.dtype), stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,10 +340,21 @@ def synthetic_preferences(n: int, mixture: dict, seed: int) -> list:
 
 REWARDBENCH_SECTIONS = {
     "chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
-    "chat_hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
-    "safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-               "donotanswer"],
+    "chat_hard": [
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ],
+    "safety": [
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ],
     "reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
 _SECTION_OF = {subset: section for section, subsets in REWARDBENCH_SECTIONS.items() for subset in subsets}
@@ -374,8 +392,12 @@ LOCAL_FORMATS = (".json", ".jsonl", ".parquet", ".csv")
 
 def _is_local(source: str) -> bool:
     """A path rather than a hub name (which is "name" or "owner/name")."""
-    return (os.path.exists(source) or source.lower().endswith(LOCAL_FORMATS) or source.startswith((".", "/", "~"))
-            or source.count("/") > 1)
+    return (
+        os.path.exists(source)
+        or source.lower().endswith(LOCAL_FORMATS)
+        or source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+    )
 
 
 def _read_file(path: str, skip_bad_rows: bool):
@@ -437,8 +459,10 @@ def load_raw(source: str, split: Optional[str], skip_bad_rows: bool = False):
 
     if _is_local(source):
         if split not in (None, "train"):
-            raise ArgumentError(f"{source}: a local file has no splits (got split {split!r}); "
-                                f"--dataset-split and ':split' apply to hub datasets and the synthetic task")
+            raise ArgumentError(
+                f"{source}: a local file has no splits (got split {split!r}); "
+                f"--dataset-split and ':split' apply to hub datasets and the synthetic task"
+            )
         if not os.path.exists(source):
             raise DataError(f"{source}: no such file or folder")
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_dict.json")):
@@ -454,7 +478,9 @@ def load_raw(source: str, split: Optional[str], skip_bad_rows: bool = False):
     try:
         if "hhh_alignment" in source:
             parts = [datasets.load_dataset(source, c, split=split or "test") for c in HHH_CONFIGS]
-            raw = datasets.concatenate_datasets([p.add_column("domain", [c] * len(p)) for p, c in zip(parts, HHH_CONFIGS)])
+            raw = datasets.concatenate_datasets(
+                [p.add_column("domain", [c] * len(p)) for p, c in zip(parts, HHH_CONFIGS)]
+            )
         elif "Unified-Feedback" in source:
             raw = datasets.load_dataset(source, "all", split=split or "train")
         elif "reward-bench" in source:
@@ -487,7 +513,7 @@ def _conversation_to_strings(prompt_msgs, responses, tokenizer, where):
         full = render(list(prompt_msgs) + list(response), tokenizer, add_generation_prompt=False)
         if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to the message
             full = prompt + content
-        out.append(full[len(prompt):])
+        out.append(full[len(prompt) :])
     return prompt, out
 
 
@@ -510,12 +536,16 @@ def to_preference(row: dict, tokenizer, where: str) -> dict:
         prompt, (c, r) = _conversation_to_strings(
             [{"role": "user", "content": row["input"]}],
             [[{"role": "assistant", "content": choices[best]}], [{"role": "assistant", "content": choices[1 - best]}]],
-            tokenizer, where)
+            tokenizer,
+            where,
+        )
         return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("domain") or "hhh"}
     missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
     if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; found {sorted(k for k, v in row.items() if v is not None)}. Expected prompt/chosen/"
-                        "rejected, Unified-Feedback (conv_A/conv_B/ratings) or HHH (input/targets)")
+        raise DataError(
+            f"{where}: missing column(s) {missing}; found {sorted(k for k, v in row.items() if v is not None)}. "
+            "Expected prompt/chosen/rejected, Unified-Feedback (conv_A/conv_B/ratings) or HHH (input/targets)"
+        )
     domain = _SECTION_OF.get(row.get("subset"), row.get("subset")) or row.get("domain") or "all"
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     if isinstance(chosen, list):  # conversational; an implicit prompt is the shared leading turns
@@ -532,8 +562,9 @@ def to_preference(row: dict, tokenizer, where: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": str(domain)}
 
 
-def load_preferences(source: str, split: Optional[str], tokenizer, skip_bad_rows: bool = False,
-                     max_rows: Optional[int] = None):
+def load_preferences(
+    source: str, split: Optional[str], tokenizer, skip_bad_rows: bool = False, max_rows: Optional[int] = None
+):
     """Preference rows {prompt, chosen, rejected, domain, row, where} as a `datasets.Dataset` (`row`: the index in
     the source, `where`: the source and row or line, for error messages).
 
@@ -547,8 +578,10 @@ def load_preferences(source: str, split: Optional[str], tokenizer, skip_bad_rows
         if split not in SYNTHETIC_SPLITS:
             raise DataError(f"the synthetic task has splits {list(SYNTHETIC_SPLITS)}, not {split!r}")
         mixture, n, offset = SYNTHETIC_SPLITS[split]
-        raw = [(f"synthetic {split}, row {i}", row)
-               for i, row in enumerate(synthetic_preferences(n, mixture, seed=1000 + offset))]
+        raw = [
+            (f"synthetic {split}, row {i}", row)
+            for i, row in enumerate(synthetic_preferences(n, mixture, seed=1000 + offset))
+        ]
     else:
         raw = load_raw(source, split, skip_bad_rows)
     if not raw:
@@ -557,7 +590,9 @@ def load_preferences(source: str, split: Optional[str], tokenizer, skip_bad_rows
     for i, (where, row) in enumerate(raw[:max_rows]):
         try:
             if not isinstance(row, dict):
-                raise DataError(f"{where}: a row must be an object with prompt/chosen/rejected, got {type(row).__name__}")
+                raise DataError(
+                    f"{where}: a row must be an object with prompt/chosen/rejected, got {type(row).__name__}"
+                )
             pref = to_preference(row, tokenizer, where)
         except DataError:
             if not skip_bad_rows:
@@ -587,8 +622,10 @@ def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_r
             if skip_bad_rows:
                 skipped += 1
                 continue
-            raise DataError(f"{where}: prompt + response is {longest} tokens, more than --max-length "
-                            f"{max_length} (rows are never truncated; raise --max-length or pass --skip-bad-rows)")
+            raise DataError(
+                f"{where}: prompt + response is {longest} tokens, more than --max-length "
+                f"{max_length} (rows are never truncated; raise --max-length or pass --skip-bad-rows)"
+            )
         out["chosen"].append(seqs[0])
         out["rejected"].append(seqs[1])
         out["prompt_len"].append(len(prompt))
@@ -601,8 +638,9 @@ def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_r
     return out
 
 
-def load_pairs(source: str, split: str, tokenizer, max_length: int, skip_bad_rows: bool = False,
-               max_rows: Optional[int] = None):
+def load_pairs(
+    source: str, split: str, tokenizer, max_length: int, skip_bad_rows: bool = False, max_rows: Optional[int] = None
+):
     """`load_preferences` then `tokenize_preferences`: the rows (strings) and their token ids."""
     rows = load_preferences(source, split, tokenizer, skip_bad_rows, max_rows)
     return rows, tokenize_preferences(rows, tokenizer, max_length, source, skip_bad_rows)
@@ -645,12 +683,14 @@ def encode_response(tokenizer, response: str, where: str = "a response") -> list
     turn with it (e.g. `<|im_end|>` then a newline) is cut after it, anything else gets it appended."""
     ids, end = tokenizer(response, add_special_tokens=False).input_ids, end_token_id(tokenizer)
     last = len(ids) - 1 - ids[::-1].index(end) if end in ids else None
-    if last is not None and not tokenizer.decode(ids[last + 1:]).strip():
+    if last is not None and not tokenizer.decode(ids[last + 1 :]).strip():
         ids = ids[: last + 1]  # the template ended the turn: keep its end token, drop the whitespace after it
     else:
         ids = ids + [end]
     if len(ids) < 2:
-        raise DataError(f"{where}: the response {response!r:.40} tokenizes to nothing (is the tokenizer the model's own?)")
+        raise DataError(
+            f"{where}: the response {response!r:.40} tokenizes to nothing (is the tokenizer the model's own?)"
+        )
     return ids
 
 
@@ -673,7 +713,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int = 1, temperature: float = 1.0):
     """log pi(ids[:, t] | ids[:, :t]) for t >= start, at `temperature`, and the logits that predict them."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    logits = logits[:, start - 1: -1].float() / temperature
+    logits = logits[:, start - 1 : -1].float() / temperature
     return torch.gather(F.log_softmax(logits, -1), 2, ids[:, start:, None]).squeeze(-1), logits
 
 
@@ -684,7 +724,10 @@ def completion_logprobs(model, seqs, prompt_lens, pad_id: int, side: str = "righ
     ids, mask = ids.to(device_of(model)), mask.to(device_of(model))
     logps, _ = token_logprobs(model, ids, mask)
     first = mask.shape[1] - mask.sum(1) if side == "left" else torch.zeros_like(mask[:, 0])  # first real token
-    after_prompt = torch.arange(1, ids.shape[1], device=ids.device) >= (first + torch.as_tensor(prompt_lens, device=ids.device))[:, None]
+    after_prompt = (
+        torch.arange(1, ids.shape[1], device=ids.device)
+        >= (first + torch.as_tensor(prompt_lens, device=ids.device))[:, None]
+    )
     completion = mask[:, 1:].bool() & after_prompt
     return logps * completion, completion
 
@@ -694,8 +737,11 @@ def sequence_rewards(reward_model, seqs, pad_id: int) -> torch.Tensor:
     or CLS for encoders), so that training, PPO and anyone loading the saved model (RewardBench, TRL) read the
     same token. The same result with any padding, since the mask comes from the lengths."""
     ids, mask = pad(seqs, pad_id)
-    return reward_model(input_ids=ids.to(device_of(reward_model)), attention_mask=mask.to(device_of(reward_model))
-                        ).logits.squeeze(-1).float()
+    return (
+        reward_model(input_ids=ids.to(device_of(reward_model)), attention_mask=mask.to(device_of(reward_model)))
+        .logits.squeeze(-1)
+        .float()
+    )
 
 
 @torch.no_grad()
@@ -706,10 +752,19 @@ def generate(model, prompt_ids, pad_id: int, end_id: int, generation_config):
     queries, query_mask = pad(prompt_ids, pad_id, side="left")
     queries, query_mask = queries.to(device_of(model)), query_mask.to(device_of(model))
     out = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation_config)
-    responses = F.pad(out[:, queries.shape[1]:], (0, generation_config.max_new_tokens - out.shape[1] + queries.shape[1]),
-                      value=pad_id)
+    responses = F.pad(
+        out[:, queries.shape[1] :],
+        (0, generation_config.max_new_tokens - out.shape[1] + queries.shape[1]),
+        value=pad_id,
+    )
     responses, response_mask, ended = cut_at_end(responses, end_id, pad_id)
-    return torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1), responses, response_mask, ended
+    return (
+        torch.cat([queries, responses], 1),
+        torch.cat([query_mask, response_mask], 1),
+        responses,
+        response_mask,
+        ended,
+    )
 
 
 def cut_at_end(responses: torch.Tensor, end_id: int, pad_id: int):
@@ -742,14 +797,15 @@ def batch_indices(n: int, batch_size: int, seed: int, what: str = "rows"):
     """Global batches of row indices, epoch after epoch: each epoch a permutation seeded with seed + epoch (the same
     on every rank), cut into full batches (the rest of an epoch is dropped). Fewer rows than a batch is an error."""
     if n < batch_size:
-        raise DataError(f"the training data has {n} {what}, fewer than one batch of {batch_size}; "
-                        f"lower the batch size or add data")
+        raise DataError(
+            f"the training data has {n} {what}, fewer than one batch of {batch_size}; lower the batch size or add data"
+        )
 
     def epochs():
         for epoch in itertools.count():
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
             for i in range(0, n - batch_size + 1, batch_size):
-                yield order[i: i + batch_size]
+                yield order[i : i + batch_size]
 
     return epochs()
 
@@ -757,11 +813,22 @@ def batch_indices(n: int, batch_size: int, seed: int, what: str = "rows"):
 def shard(batch: list, rank: int, world: int) -> list:
     """This process's contiguous share of a global batch."""
     per = len(batch) // world
-    return batch[rank * per: (rank + 1) * per]
+    return batch[rank * per : (rank + 1) * per]
 
 
-def warm_start(model, seqs, prompt_lens, pad_id: int, steps: int, batch_size: int, lr: float, seed: int,
-               rank: int = 0, world: int = 1, tracker=None):
+def warm_start(
+    model,
+    seqs,
+    prompt_lens,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    tracker=None,
+):
     """Supervised fine-tuning of a (tiny, randomly initialised) policy on completions: the mean next-token loss of
     the completion tokens, AdamW with cosine decay to 0. `model` may be a DDP wrapper (each rank takes its shard)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -797,10 +864,19 @@ def tiny_config(tokenizer, num_labels: Optional[int] = None, layers: int = 2, hi
     """A small Llama config for the embedded task (a few hundred thousand parameters)."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     if num_labels is not None:
         config.num_labels = num_labels
     return config
@@ -839,17 +915,26 @@ def load_model(auto_class, path: str, args, tokenizer, flag: str = "--model-name
     check_model_path(path, flag)
     try:
         stored = getattr(AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code), "dtype", None)
-        model = auto_class.from_pretrained(path, dtype=torch.float32, attn_implementation=args.attn_implementation,
-                                           trust_remote_code=args.trust_remote_code, **kwargs)
+        model = auto_class.from_pretrained(
+            path,
+            dtype=torch.float32,
+            attn_implementation=args.attn_implementation,
+            trust_remote_code=args.trust_remote_code,
+            **kwargs,
+        )
     except OSError as e:
         raise ArgumentError(f"{flag} {path}: no model found ({e})") from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise ArgumentError(f"{flag} {path}: the tokenizer has {len(tokenizer)} tokens (pad id {tokenizer.pad_token_id}) "
-                            f"but the model embeds only {rows}: it is not the model's own tokenizer (transformers may "
-                            f"have built one for the model type from other files); pass --tokenizer-name-or-path")
-    print(f"{path}: checkpoint stored in {stored or 'float32'}; float32 master weights"
-          + (", bf16 autocast" if args.bf16 else ""))
+        raise ArgumentError(
+            f"{flag} {path}: the tokenizer has {len(tokenizer)} tokens (pad id {tokenizer.pad_token_id}) "
+            f"but the model embeds only {rows}: it is not the model's own tokenizer (transformers may "
+            f"have built one for the model type from other files); pass --tokenizer-name-or-path"
+        )
+    print(
+        f"{path}: checkpoint stored in {stored or 'float32'}; float32 master weights"
+        + (", bf16 autocast" if args.bf16 else "")
+    )
     return model
 
 
@@ -860,13 +945,17 @@ def autocast(args, device: torch.device):
 
 def check_outputs(values, what: str, where: str, must_vary: bool = True):
     """Stop, naming the likely causes, when a model's outputs over an evaluation are not finite (nothing non-finite
-    is saved) or identical for every different input (the model reads nothing of the text: a 50% table would hide it)."""
+    is saved) or the same for every different input (the model reads nothing of the text: a 50% table hides it)."""
     if not all(map(math.isfinite, values)):
-        raise FloatingPointError(f"{where}: a {what} is not finite; nothing was saved. Likely causes: a learning rate "
-                                 f"too high, fp16/bf16 overflow; --skip-nonfinite-steps skips steps with non-finite gradients")
+        raise FloatingPointError(
+            f"{where}: a {what} is not finite; nothing was saved. Likely causes: a learning rate "
+            f"too high, fp16/bf16 overflow; --skip-nonfinite-steps skips steps with non-finite gradients"
+        )
     if must_vary and len(values) > 2 and len(set(values)) == 1:
-        raise RuntimeError(f"{where}: every {what} is exactly {values[0]}, whatever the text; the model sees none of "
-                           f"it (a tokenizer that is not the model's own? a head that was not loaded or trained?)")
+        raise RuntimeError(
+            f"{where}: every {what} is exactly {values[0]}, whatever the text; the model sees none of "
+            f"it (a tokenizer that is not the model's own? a head that was not loaded or trained?)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -886,7 +975,11 @@ def eval_sources(dataset: str, eval_datasets) -> dict:
             sources += [(s, "synthetic", s) for s in SYNTHETIC_SPLITS if s != "train"]
         else:
             source, _, split = name.rpartition(":") if ":" in name and not _is_local(name) else (name, "", "")
-            short = os.path.splitext(os.path.basename(source.rstrip("/")))[0] if _is_local(source) else source.split("/")[-1]
+            short = (
+                os.path.splitext(os.path.basename(source.rstrip("/")))[0]
+                if _is_local(source)
+                else source.split("/")[-1]
+            )
             sources.append((short + (f":{split}" if split else ""), source, split or None))
     shorts = [s for s, _, _ in sources]
     named = {}
@@ -904,8 +997,11 @@ def domain_report(values, domains, name: str = "accuracy") -> dict:
     for v, d in zip(values, domains):
         per.setdefault(d, []).append(float(v))
     means = {d: sum(v) / len(v) for d, v in sorted(per.items())}
-    return {name: sum(map(float, values)) / len(values), f"worst_domain_{name}": min(means.values()),
-            f"domain_{name}": means}
+    return {
+        name: sum(map(float, values)) / len(values),
+        f"worst_domain_{name}": min(means.values()),
+        f"domain_{name}": means,
+    }
 
 
 def print_table(results: dict, name: str = "accuracy"):
@@ -957,15 +1053,24 @@ def _find_checkpoint(args, output_dir: str) -> Optional[str]:
         return args.resume_from
     folder = os.path.join(output_dir, "checkpoints")
     if args.resume:
-        done = sorted(c for c in os.listdir(folder) if c.startswith("step-") and "." not in c
-                      and os.path.exists(os.path.join(folder, c, "COMPLETE"))) if os.path.isdir(folder) else []
+        done = (
+            sorted(
+                c
+                for c in os.listdir(folder)
+                if c.startswith("step-") and "." not in c and os.path.exists(os.path.join(folder, c, "COMPLETE"))
+            )
+            if os.path.isdir(folder)
+            else []
+        )
         if not done:
             raise ArgumentError(f"--resume: {output_dir} has no complete checkpoint to resume from")
         return os.path.join(folder, done[-1])
     previous = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
     if previous and not args.overwrite:
-        raise ArgumentError(f"{output_dir} holds a previous run ({', '.join(previous)}); pass --resume to continue it, "
-                            f"--overwrite to replace it, or another --output-dir")
+        raise ArgumentError(
+            f"{output_dir} holds a previous run ({', '.join(previous)}); pass --resume to continue it, "
+            f"--overwrite to replace it, or another --output-dir"
+        )
     return None
 
 
@@ -997,11 +1102,21 @@ class Tracker:
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=args.run_id, id=args.run_id, resume="allow", save_code=True)
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                sync_tensorboard=True,
+                config=vars(args),
+                name=args.run_id,
+                id=args.run_id,
+                resume="allow",
+                save_code=True,
+            )
         self.run_id = args.run_id
         self.writer = SummaryWriter(output_dir, purge_step=None if resume_step is None else resume_step + 1)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
 
     def scalars(self, scalars: dict, step: int):
         """TensorBoard scalars; NaN entries (e.g. a dual variable the set does not have) are left out."""
@@ -1014,7 +1129,7 @@ class Tracker:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "split": split, **report, "run_id": self.run_id}) + "\n")
         for key, value in report.items():
-            for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
+            for sub, v in value.items() if isinstance(value, dict) else [("", value)]:
                 self.writer.add_scalar(f"eval/{split}/{key}" + (f"/{sub}" if sub else ""), v, step)
 
     def close(self):
@@ -1058,8 +1173,9 @@ def _barrier():
         dist.barrier()
 
 
-def save_checkpoint(output_dir: str, step: int, modules: dict, optimizer, scheduler, extra: dict, args,
-                    rank: int = 0, world: int = 1):
+def save_checkpoint(
+    output_dir: str, step: int, modules: dict, optimizer, scheduler, extra: dict, args, rank: int = 0, world: int = 1
+):
     """Everything the next step depends on: the modules' weights, optimizer, scheduler, every process's RNG
     states, the step and `extra` (anything else the script needs). Written into a temporary folder, fsynced, then
     renamed to checkpoints/step-<N>; only then are checkpoints beyond --keep-checkpoints removed."""
@@ -1076,9 +1192,16 @@ def save_checkpoint(output_dir: str, step: int, modules: dict, optimizer, schedu
     _fsync(os.path.join(tmp, f"rng-{rank}.pt"))
     _barrier()
     if rank == 0:
-        state = {"step": step, "script": args.exp_name, "world_size": world, "model": args.model_name_or_path,
-                 "modules": {name: m.state_dict() for name, m in modules.items()}, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra}
+        state = {
+            "step": step,
+            "script": args.exp_name,
+            "world_size": world,
+            "model": args.model_name_or_path,
+            "modules": {name: m.state_dict() for name, m in modules.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "extra": extra,
+        }
         torch.save(state, os.path.join(tmp, "state.pt"))
         _fsync(os.path.join(tmp, "state.pt"))
         write_atomically(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "run_id": args.run_id}) + "\n")
@@ -1101,8 +1224,10 @@ def load_checkpoint(path: str, modules: dict, optimizer, scheduler, args, rank: 
         state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
         rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
     except Exception as e:
-        raise ArgumentError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): "
-                            f"truncated or corrupt; resume from another with --resume-from") from None
+        raise ArgumentError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): "
+            f"truncated or corrupt; resume from another with --resume-from"
+        ) from None
     for key, mine in (("script", args.exp_name), ("world_size", world), ("model", args.model_name_or_path)):
         if state[key] != mine:
             raise ArgumentError(f"checkpoint {path} was written with {key} {state[key]!r}, this run has {mine!r}")
@@ -1143,8 +1268,11 @@ class StopSignal:
         import signal
         import sys
 
-        print(f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved in {output_dir}/"
-              f"checkpoints (continue with --resume)", file=sys.stderr)
+        print(
+            f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved in {output_dir}/"
+            f"checkpoints (continue with --resume)",
+            file=sys.stderr,
+        )
         sys.exit(128 + self.signum)
 
 
@@ -1153,9 +1281,11 @@ def check_finite(modules: dict, step: int):
     for name, module in modules.items():
         bad = [n for n, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
-            raise FloatingPointError(f"step {step}: the {name}'s weights are not finite ({', '.join(bad[:3])}...); nothing "
-                                     f"was saved. Likely causes: a learning rate too high, --max-grad-norm too high, fp16/bf16 "
-                                     f"overflow; --skip-nonfinite-steps skips steps whose loss or gradient is not finite")
+            raise FloatingPointError(
+                f"step {step}: the {name}'s weights are not finite ({', '.join(bad[:3])}...); nothing "
+                f"was saved. Likely causes: a learning rate too high, --max-grad-norm too high, fp16/bf16 "
+                f"overflow; --skip-nonfinite-steps skips steps whose loss or gradient is not finite"
+            )
 
 
 def nonfinite_gradients(model) -> bool:

@@ -155,10 +155,17 @@ class Args:
     """pairs per forward and process (computed at run time)"""
 
     def __post_init__(self):
-        common.check_args(self, positive=("total_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
-                                           "eval_batch_size", "log_every", "max_length", "max_train_rows", "max_eval_rows",
-                                           "max_grad_norm", "beta", "sft_learning_rate", "max_new_tokens", "temperature"),
-                          non_negative=("save_every", "keep_checkpoints", "weight_decay", "warmup_steps", "eval_every", "sft_steps", "eval_generations"))
+        common.check_args(
+            self,
+            positive=(
+                "total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size "
+                "log_every max_length max_train_rows max_eval_rows max_grad_norm beta "
+                "sft_learning_rate max_new_tokens temperature"
+            ),
+            non_negative=(
+                "save_every keep_checkpoints weight_decay warmup_steps eval_every sft_steps eval_generations"
+            ),
+        )
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
@@ -194,7 +201,10 @@ def evaluate(model, reference, data, pad_id, beta, batch_size, where="evaluation
     correct, margins = [], []
     for i in range(0, len(data["chosen"]), batch_size):
         idx = range(i, min(i + batch_size, len(data["chosen"])))
-        (chosen, rejected), (ref_chosen, ref_rejected) = pair_logps(model, data, idx, pad_id), pair_logps(reference, data, idx, pad_id)
+        (chosen, rejected), (ref_chosen, ref_rejected) = (
+            pair_logps(model, data, idx, pad_id),
+            pair_logps(reference, data, idx, pad_id),
+        )
         margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
         correct += ((margin > 0).float() + 0.5 * (margin == 0).float()).tolist()
         margins += (chosen - rejected).tolist()
@@ -210,14 +220,16 @@ def evaluate_generations(model, reference, tokenizer, prompts, domains, generati
     model.eval()
     gold, kl, end_id = [], [], common.end_token_id(tokenizer)
     for i in range(0, len(prompts), batch_size):
-        prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts[i: i + batch_size]]  # as in training
-        ids, mask, responses, response_mask, _ = common.generate(model, prompt_ids, tokenizer.pad_token_id, end_id, generation_config)
+        prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]  # as in training
+        ids, mask, responses, response_mask, _ = common.generate(
+            model, prompt_ids, tokenizer.pad_token_id, end_id, generation_config
+        )
         start = ids.shape[1] - responses.shape[1]
         logps, _ = common.token_logprobs(model, ids, mask, start)
         ref_logps, _ = common.token_logprobs(reference, ids, mask, start)
         kl += (common.kl_k3(logps, ref_logps) * response_mask).sum(-1).tolist()
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        gold += [common.synthetic_gold_reward(p, t) for p, t in zip(prompts[i: i + batch_size], texts)]
+        gold += [common.synthetic_gold_reward(p, t) for p, t in zip(prompts[i : i + batch_size], texts)]
     model.train()
     return {**common.domain_report(gold, domains, "gold_reward"), "kl": sum(kl) / len(kl)}
 
@@ -228,12 +240,15 @@ if __name__ == "__main__":
     distributed, rank, world, device = common.init_distributed()
     args.world_size = world
     if args.batch_size % (world * args.gradient_accumulation_steps):
-        raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation "
-                                   f"steps = {world * args.gradient_accumulation_steps}")
+        raise common.ArgumentError(
+            f"--batch-size {args.batch_size} must be divisible by processes x accumulation "
+            f"steps = {world * args.gradient_accumulation_steps}"
+        )
     args.micro_batch_size = args.batch_size // (world * args.gradient_accumulation_steps)
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 1000
-    args.run_id = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
+    dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}{args.dro.rho}"
+    args.run_id = f"{dataset_name}__{args.exp_name}__{robust}__{args.seed}__{int(time.time())}"
     if (args.resume or args.resume_from) and not args.output_dir:
         raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
     output_dir = args.output_dir or f"runs/{args.run_id}"
@@ -248,11 +263,16 @@ if __name__ == "__main__":
     # Data
     tokenizer = common.load_tokenizer(args)
     pad_id = tokenizer.pad_token_id
-    _, train = common.load_pairs(args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows,
-                                 args.max_train_rows)
-    batches = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed)  # global batches, epoch after epoch
-    eval_sets = {name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
-                 for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
+    _, train = common.load_pairs(
+        args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows, args.max_train_rows
+    )
+    batches = common.batch_indices(
+        len(train["chosen"]), args.batch_size, args.seed
+    )  # global batches, epoch after epoch
+    eval_sets = {
+        name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
+        for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()
+    }
 
     # Tracking (rank 0 only), once the inputs are checked
     tracker = common.Tracker(args, output_dir, checkpoint) if rank == 0 else None
@@ -266,43 +286,85 @@ if __name__ == "__main__":
     model.to(device)
     ddp_model = DDP(model) if distributed else model
     if rank == 0:
-        print(f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}")
-    if args.sft_steps and not checkpoint:  # imitate both responses of each pair, like a base model could have sampled them
-        common.warm_start(ddp_model, train["chosen"] + train["rejected"], train["prompt_len"] * 2, pad_id, args.sft_steps,
-                          2 * args.batch_size, args.sft_learning_rate, args.seed + 10_000, rank, world)
+        print(
+            f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
+            f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) "
+            f"of {args.micro_batch_size}"
+        )
+    if (
+        args.sft_steps and not checkpoint
+    ):  # imitate both responses of each pair, like a base model could have sampled them
+        common.warm_start(
+            ddp_model,
+            train["chosen"] + train["rejected"],
+            train["prompt_len"] * 2,
+            pad_id,
+            args.sft_steps,
+            2 * args.batch_size,
+            args.sft_learning_rate,
+            args.seed + 10_000,
+            rank,
+            world,
+        )
     if args.ref_model:
         reference = common.load_model(AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model").to(device)
     else:
         reference = copy.deepcopy(model)
     reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=args.total_steps)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.total_steps
+    )
     # Resuming: the checkpoint's weights, optimizer, scheduler and RNG states; the data order is replayed to its step
     modules, start_step, skipped_steps = {"model": model, "reference": reference}, 0, 0
     if checkpoint:
         state = common.load_checkpoint(checkpoint, modules, optimizer, scheduler, args, rank, world)
-        start_step, skipped_steps, start_results = state["step"], state["extra"]["skipped_steps"], state["extra"]["start_results"]
+        start_step, skipped_steps, start_results = (
+            state["step"],
+            state["extra"]["skipped_steps"],
+            state["extra"]["start_results"],
+        )
         for _ in range(start_step):
             next(batches)
     ref_logps = None
     if args.precompute_ref_logps:
         with torch.no_grad():
-            ref_logps = torch.cat([torch.stack(pair_logps(reference, train, range(i, min(i + 256, len(train["chosen"]))), pad_id), 1)
-                                   for i in range(0, len(train["chosen"]), 256)])
-    generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
-                                         top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=common.end_token_id(tokenizer))
+            ref_logps = torch.cat(
+                [
+                    torch.stack(pair_logps(reference, train, range(i, min(i + 256, len(train["chosen"]))), pad_id), 1)
+                    for i in range(0, len(train["chosen"]), 256)
+                ]
+            )
+    generation_config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=pad_id,
+        eos_token_id=common.end_token_id(tokenizer),
+    )
 
     def evaluate_all(step):
         results = {}
         for split, (rows, data) in eval_sets.items():
             with common.autocast(args, device):
-                results[split] = evaluate(model, reference, data, pad_id, args.beta, args.eval_batch_size, f"step {step}, {split}")
+                results[split] = evaluate(
+                    model, reference, data, pad_id, args.beta, args.eval_batch_size, f"step {step}, {split}"
+                )
                 if args.eval_generations and all(map(common.is_synthetic_prompt, rows["prompt"])):
                     sample = rows.select(range(min(args.eval_generations, len(rows))))
-                    results[split].update(evaluate_generations(model, reference, tokenizer, sample["prompt"],
-                                                               sample["domain"], generation_config, args.eval_batch_size))
+                    results[split].update(
+                        evaluate_generations(
+                            model,
+                            reference,
+                            tokenizer,
+                            sample["prompt"],
+                            sample["domain"],
+                            generation_config,
+                            args.eval_batch_size,
+                        )
+                    )
             tracker.eval(step, split, results[split])
         return results
 
@@ -311,20 +373,33 @@ if __name__ == "__main__":
 
     # Training loop
     stop, start = common.StopSignal(), time.time()
-    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, disable=rank != 0, desc="dpo"):
+    for step in tqdm(
+        range(start_step + 1, args.total_steps + 1),
+        initial=start_step,
+        total=args.total_steps,
+        disable=rank != 0,
+        desc="dpo",
+    ):
         mine = common.shard(next(batches), rank, world)
-        micro_batches = [mine[i: i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+        micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
 
         # ROBUST: 1. The worst-case weights q* of the global batch, from detached per-pair losses. With one
         #    micro-batch they come from the training forward itself; with accumulation from a no-grad forward
         #    over all micro-batches first, so that every backward uses the weights of the whole batch.
         with common.autocast(args, device):
             if len(micro_batches) == 1:
-                losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, reference, train, micro_batches[0], pad_id, args.beta, ref_logps)
+                losses, chosen_rewards, rejected_rewards = pair_losses(
+                    ddp_model, reference, train, micro_batches[0], pad_id, args.beta, ref_logps
+                )
                 detached = losses.detach()
             else:
                 with torch.no_grad():
-                    detached = torch.cat([pair_losses(model, reference, train, idx, pad_id, args.beta, ref_logps)[0] for idx in micro_batches])
+                    detached = torch.cat(
+                        [
+                            pair_losses(model, reference, train, idx, pad_id, args.beta, ref_logps)[0]
+                            for idx in micro_batches
+                        ]
+                    )
         prompt_ids = torch.tensor([train["prompt_id"][i] for i in mine], device=device)
         weights, dro_stats = common.robust_prompt_weights(detached, prompt_ids, args.dro)
 
@@ -332,11 +407,15 @@ if __name__ == "__main__":
         for j, idx in enumerate(micro_batches):
             if len(micro_batches) > 1:
                 with common.autocast(args, device):
-                    losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, reference, train, idx, pad_id, args.beta, ref_logps)
-            loss = (weights[j * args.micro_batch_size: (j + 1) * args.micro_batch_size] * losses).sum() * world
+                    losses, chosen_rewards, rejected_rewards = pair_losses(
+                        ddp_model, reference, train, idx, pad_id, args.beta, ref_logps
+                    )
+            loss = (weights[j * args.micro_batch_size : (j + 1) * args.micro_batch_size] * losses).sum() * world
             if not torch.isfinite(loss) and not args.skip_nonfinite_steps:
-                raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
-                                         f"(--skip-nonfinite-steps skips such steps)")
+                raise FloatingPointError(
+                    f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
+                    f"(--skip-nonfinite-steps skips such steps)"
+                )
             with ddp_model.no_sync() if distributed and j < len(micro_batches) - 1 else contextlib.nullcontext():
                 loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -345,23 +424,42 @@ if __name__ == "__main__":
         elif args.skip_nonfinite_steps:
             skipped_steps += 1
         else:
-            raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()}; stopping before anything "
-                                     f"is saved (--skip-nonfinite-steps skips such steps)")
+            raise FloatingPointError(
+                f"step {step}: the gradient norm is {grad_norm.item()}; stopping before anything "
+                f"is saved (--skip-nonfinite-steps skips such steps)"
+            )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         if rank == 0 and step % args.log_every == 0:
-            tracker.scalars({
-                **dro_stats, "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-                "charts/grad_norm": grad_norm.item(), "charts/learning_rate": scheduler.get_last_lr()[0],
-                "charts/skipped_steps": skipped_steps,
-                "charts/pairs_per_second": step * args.batch_size / (time.time() - start)}, step)
+            tracker.scalars(
+                {
+                    **dro_stats,
+                    "rewards/chosen": chosen_rewards.mean().item(),
+                    "rewards/rejected": rejected_rewards.mean().item(),
+                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                    "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                    "charts/grad_norm": grad_norm.item(),
+                    "charts/learning_rate": scheduler.get_last_lr()[0],
+                    "charts/skipped_steps": skipped_steps,
+                    "charts/pairs_per_second": step * args.batch_size / (time.time() - start),
+                },
+                step,
+            )
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
         if stop.requested() or (args.save_every and step % args.save_every == 0):
-            common.save_checkpoint(output_dir, step, modules, optimizer, scheduler, {"skipped_steps": skipped_steps, "start_results": start_results if rank == 0 else None}, args, rank, world)
+            common.save_checkpoint(
+                output_dir,
+                step,
+                modules,
+                optimizer,
+                scheduler,
+                {"skipped_steps": skipped_steps, "start_results": start_results if rank == 0 else None},
+                args,
+                rank,
+                world,
+            )
             if stop.signum:
                 stop.exit(output_dir, step)
 
@@ -371,7 +469,10 @@ if __name__ == "__main__":
         if results:
             print(f"\nimplicit-reward accuracy (%) after {args.total_steps} DPO steps, {time.time() - start:.0f} s:")
             common.print_table(results)
-        for name, res in (("the reference (step 0)", start_results), (f"the policy (step {args.total_steps})", results)):
+        for name, res in (
+            ("the reference (step 0)", start_results),
+            (f"the policy (step {args.total_steps})", results),
+        ):
             res = {split: report for split, report in res.items() if "gold_reward" in report}
             if res:
                 print(f"\ngold reward of sampled responses, {name}:")

@@ -70,7 +70,7 @@ class Args:
 
     # Data
     dataset: str = "synthetic"
-    """prompts (and warm-start responses): "synthetic" (embedded), a `datasets` hub name, or a local json/jsonl/parquet file"""
+    """prompts (and warm-start responses): "synthetic" (embedded), a `datasets` hub name, or a local file"""
     dataset_split: str = "train"
     """the split of --dataset to train on"""
     eval_datasets: tuple[str, ...] = ()
@@ -181,12 +181,16 @@ class Args:
     """rollouts per PPO minibatch and process (computed at run time)"""
 
     def __post_init__(self):
-        common.check_args(self, positive=("total_steps", "batch_size", "samples_per_prompt", "num_ppo_epochs",
-                                           "num_minibatches", "learning_rate", "value_learning_rate", "max_grad_norm",
-                                           "max_new_tokens", "temperature", "eval_batch_size", "max_prompt_length",
-                                           "max_train_rows", "max_eval_rows", "sft_learning_rate", "cliprange",
-                                           "cliprange_value", "gamma"),
-                          non_negative=("save_every", "keep_checkpoints", "kl_coef", "missing_eos_penalty", "lam", "vf_coef", "eval_every", "sft_steps"))
+        common.check_args(
+            self,
+            positive=(
+                "total_steps batch_size samples_per_prompt num_ppo_epochs num_minibatches "
+                "learning_rate value_learning_rate max_grad_norm max_new_tokens temperature "
+                "eval_batch_size max_prompt_length max_train_rows max_eval_rows sft_learning_rate "
+                "cliprange cliprange_value gamma"
+            ),
+            non_negative=("save_every keep_checkpoints kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps"),
+        )
 
 
 def load_prompts(source, split, tokenizer, max_prompt_length, skip_bad_rows=False, max_rows=None):
@@ -198,8 +202,10 @@ def load_prompts(source, split, tokenizer, max_prompt_length, skip_bad_rows=Fals
         ids = common.encode_prompt(tokenizer, row["prompt"], where)
         if len(ids) > max_prompt_length:
             if not skip_bad_rows:
-                raise common.DataError(f"{where}: the prompt is {len(ids)} tokens, more than --max-prompt-length "
-                                       f"{max_prompt_length} (raise it or pass --skip-bad-rows)")
+                raise common.DataError(
+                    f"{where}: the prompt is {len(ids)} tokens, more than --max-prompt-length "
+                    f"{max_prompt_length} (raise it or pass --skip-bad-rows)"
+                )
             skipped += 1
             continue
         data["text"].append(row["prompt"])
@@ -239,8 +245,18 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) * torch.rsqrt(var + 1e-8) * mask).to(x.dtype)
 
 
-def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, weights=None,
-             cliprange=0.2, cliprange_value=0.2):
+def ppo_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    values,
+    old_values,
+    returns,
+    mask,
+    weights=None,
+    cliprange=0.2,
+    cliprange_value=0.2,
+):
     """Clipped PPO losses from per-token tensors [N, T] of N rollouts.
 
     policy loss = sum_j weights_j * (clipped surrogate of rollout j averaged over its response tokens);
@@ -253,9 +269,11 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
     pg_loss = (weights * masked_mean(surrogate, mask, dim=1)).sum()
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
-    stats = {"losses/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask).item(),
-             "losses/approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask).item(),
-             "losses/value_clipfrac": masked_mean(((values - old_values).abs() > cliprange_value).float(), mask).item()}
+    stats = {
+        "losses/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask).item(),
+        "losses/approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask).item(),
+        "losses/value_clipfrac": masked_mean(((values - old_values).abs() > cliprange_value).float(), mask).item(),
+    }
     return pg_loss, vf_loss, stats
 
 
@@ -270,7 +288,9 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, ids, mask):
-        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=common.positions(mask)).last_hidden_state
+        hidden = self.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=common.positions(mask)
+        ).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
 
@@ -279,21 +299,25 @@ def rollout_scores(tokenizer, reward_model, prompts, prompt_ids, responses, resp
     score of prompt + response, read exactly as in its training (`common.sequence_rewards`)."""
     if reward_model is None:
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # cut at the end token already
-        return torch.tensor([common.synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)], device=responses.device)
+        return torch.tensor(
+            [common.synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)], device=responses.device
+        )
     seqs = [p + r[:n] for p, r, n in zip(prompt_ids, responses.tolist(), response_mask.sum(1).tolist())]
     return common.sequence_rewards(reward_model, seqs, tokenizer.pad_token_id)
 
 
 @torch.no_grad()
-def evaluate(policy, reference, reward_model, tokenizer, data, generation_config, batch_size, temperature,
-             where="evaluation"):
-    """Per-domain gold reward (embedded-task prompts) and reward-model score of generations, and the KL to the reference."""
+def evaluate(
+    policy, reference, reward_model, tokenizer, data, generation_config, batch_size, temperature, where="evaluation"
+):
+    """Per-domain gold reward (embedded-task prompts) and reward-model score of generations; KL to the reference."""
     gold, kls, rm = [], [], []
     has_gold = all(map(common.is_synthetic_prompt, data["text"]))
     for i in range(0, len(data["ids"]), batch_size):
-        prompts, prompt_ids = data["text"][i: i + batch_size], data["ids"][i: i + batch_size]
-        ids, mask, responses, response_mask, _ = common.generate(policy, prompt_ids, tokenizer.pad_token_id,
-                                                                 common.end_token_id(tokenizer), generation_config)
+        prompts, prompt_ids = data["text"][i : i + batch_size], data["ids"][i : i + batch_size]
+        ids, mask, responses, response_mask, _ = common.generate(
+            policy, prompt_ids, tokenizer.pad_token_id, common.end_token_id(tokenizer), generation_config
+        )
         start = ids.shape[1] - responses.shape[1]
         _, logits = common.token_logprobs(policy, ids, mask, start, temperature)
         _, ref_logits = common.token_logprobs(reference, ids, mask, start, temperature)
@@ -325,11 +349,15 @@ if __name__ == "__main__":
         raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     args.local_batch_size = args.batch_size // world * args.samples_per_prompt
     if args.local_batch_size % args.num_minibatches:
-        raise common.ArgumentError(f"rollouts per process {args.local_batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
+        raise common.ArgumentError(
+            f"rollouts per process {args.local_batch_size} must be divisible by "
+            f"--num-minibatches {args.num_minibatches}"
+        )
     args.minibatch_size = args.local_batch_size // args.num_minibatches
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 1000
-    args.run_id = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
+    dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}{args.dro.rho}"
+    args.run_id = f"{dataset_name}__{args.exp_name}__{robust}__{args.seed}__{int(time.time())}"
     if (args.resume or args.resume_from) and not args.output_dir:
         raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
     output_dir = args.output_dir or f"runs/{args.run_id}"
@@ -344,18 +372,25 @@ if __name__ == "__main__":
     # Data: prompts (their chosen responses only for the warm start)
     tokenizer = common.load_tokenizer(args)
     pad_id, end_id = tokenizer.pad_token_id, common.end_token_id(tokenizer)
-    train = load_prompts(args.dataset, args.dataset_split, tokenizer, args.max_prompt_length, args.skip_bad_rows,
-                         args.max_train_rows)
+    train = load_prompts(
+        args.dataset, args.dataset_split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_train_rows
+    )
     if args.reward_model_path is not None:
         common.check_model_path(args.reward_model_path, "--reward-model-path")
     else:
         no_gold = next((i for i, p in enumerate(train["text"]) if not common.is_synthetic_prompt(p)), None)
         if no_gold is not None:
-            raise common.DataError(f"{args.dataset}: prompt {no_gold} is not one of the embedded task's, so it has no gold "
-                                   f"reward: pass --reward-model-path")
-    batches = common.batch_indices(len(train["ids"]), args.batch_size, args.seed, "prompts")  # global batches, epoch after epoch
-    eval_sets = {name: load_prompts(source, split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_eval_rows)
-                 for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
+            raise common.DataError(
+                f"{args.dataset}: prompt {no_gold} is not one of the embedded task's, so it has no gold "
+                f"reward: pass --reward-model-path"
+            )
+    batches = common.batch_indices(
+        len(train["ids"]), args.batch_size, args.seed, "prompts"
+    )  # global batches, epoch after epoch
+    eval_sets = {
+        name: load_prompts(source, split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_eval_rows)
+        for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()
+    }
 
     # Tracking (rank 0 only), once the inputs are checked
     tracker = common.Tracker(args, output_dir, checkpoint) if rank == 0 else None
@@ -370,36 +405,81 @@ if __name__ == "__main__":
     ddp_policy = DDP(policy) if distributed else policy
     reward_model = None
     if args.reward_model_path:
-        reward_model = common.load_model(AutoModelForSequenceClassification, args.reward_model_path, args, tokenizer,
-                                         "--reward-model-path", num_labels=1)
+        reward_model = common.load_model(
+            AutoModelForSequenceClassification,
+            args.reward_model_path,
+            args,
+            tokenizer,
+            "--reward-model-path",
+            num_labels=1,
+        )
         reward_model.config.pad_token_id = pad_id
         reward_model.to(device).eval().requires_grad_(False)
     start = time.time()
     if args.sft_steps and not checkpoint:  # the tiny model cannot generate anything meaningful from a random init
         prompt_lens = [len(p) for p in train["ids"]]
-        common.warm_start(ddp_policy, [p + c for p, c in zip(train["ids"], train["chosen"])], prompt_lens, pad_id,
-                          args.sft_steps, args.batch_size, args.sft_learning_rate, args.seed + 10_000, rank, world,
-                          tracker)
+        common.warm_start(
+            ddp_policy,
+            [p + c for p, c in zip(train["ids"], train["chosen"])],
+            prompt_lens,
+            pad_id,
+            args.sft_steps,
+            args.batch_size,
+            args.sft_learning_rate,
+            args.seed + 10_000,
+            rank,
+            world,
+            tracker,
+        )
     policy.eval()  # no dropout anywhere: the PPO ratio must compare the same function
     reference = copy.deepcopy(policy).requires_grad_(False)
     critic = Critic(policy).to(device)
     ddp_critic = DDP(critic) if distributed else critic
-    optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},
-                                   {"params": critic.parameters(), "lr": args.value_learning_rate}])
-    generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
-                                         top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=end_id)
-    eval_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                   eos_token_id=end_id) if args.eval_greedy else generation_config
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": policy.parameters(), "lr": args.learning_rate},
+            {"params": critic.parameters(), "lr": args.value_learning_rate},
+        ]
+    )
+    generation_config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=pad_id,
+        eos_token_id=end_id,
+    )
+    eval_config = (
+        GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=end_id)
+        if args.eval_greedy
+        else generation_config
+    )
     if rank == 0:
-        print(f"{args.run_id}: {len(train['ids'])} training prompts, {sum(p.numel() for p in policy.parameters()):,} policy "
-              f"parameters, reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "
-              f"({time.time() - start:.0f} s), {world} process(es) x {args.batch_size // world} prompts x "
-              f"{args.samples_per_prompt} samples per rollout batch")
+        print(
+            f"{args.run_id}: {len(train['ids'])} training prompts, "
+            f"{sum(p.numel() for p in policy.parameters()):,} policy parameters, "
+            f"reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "
+            f"({time.time() - start:.0f} s), {world} process(es) x {args.batch_size // world} prompts x "
+            f"{args.samples_per_prompt} samples per rollout batch"
+        )
 
     def evaluate_all(step):
         with common.autocast(args, device):
-            results = {split: evaluate(policy, reference, reward_model, tokenizer, data, eval_config, args.eval_batch_size,
-                                       args.temperature, f"step {step}, {split}") for split, data in eval_sets.items()}
+            results = {
+                split: evaluate(
+                    policy,
+                    reference,
+                    reward_model,
+                    tokenizer,
+                    data,
+                    eval_config,
+                    args.eval_batch_size,
+                    args.temperature,
+                    f"step {step}, {split}",
+                )
+                for split, data in eval_sets.items()
+            }
         for split, report in results.items():
             tracker.eval(step, split, report)
         return results
@@ -419,24 +499,39 @@ if __name__ == "__main__":
 
     # Training loop
     stop = common.StopSignal()
-    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, disable=rank != 0, desc="ppo"):
+    for step in tqdm(
+        range(start_step + 1, args.total_steps + 1),
+        initial=start_step,
+        total=args.total_steps,
+        disable=rank != 0,
+        desc="ppo",
+    ):
         mine = common.shard(next(batches), rank, world)
         rollout_prompts = [i for i in mine for _ in range(args.samples_per_prompt)]
-        prompt_ids = (rank * len(mine) + torch.arange(len(mine), device=device)).repeat_interleave(args.samples_per_prompt)
+        prompt_ids = (rank * len(mine) + torch.arange(len(mine), device=device)).repeat_interleave(
+            args.samples_per_prompt
+        )
 
         # 1. Rollouts, scores, per-token rewards (KL penalty + score at the last response token), GAE
         t0 = time.time()
         with torch.no_grad(), common.autocast(args, device):
             ids, mask, responses, response_mask, ended = common.generate(
-                policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config)
+                policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
+            )
             context_len = ids.shape[1] - responses.shape[1]
             logprobs, logits = common.token_logprobs(policy, ids, mask, context_len, args.temperature)
             ref_logprobs, _ = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
             entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), response_mask)
             del logits
-            values = critic(ids, mask)[:, context_len - 1: -1]
-            scores = rollout_scores(tokenizer, reward_model, [train["text"][i] for i in rollout_prompts],
-                                    [train["ids"][i] for i in rollout_prompts], responses, response_mask)
+            values = critic(ids, mask)[:, context_len - 1 : -1]
+            scores = rollout_scores(
+                tokenizer,
+                reward_model,
+                [train["text"][i] for i in rollout_prompts],
+                [train["ids"][i] for i in rollout_prompts],
+                responses,
+                response_mask,
+            )
             scores = scores - args.missing_eos_penalty * (~ended).float()
             kl = common.kl_k3(logprobs, ref_logprobs) * response_mask
             rewards = -args.kl_coef * kl
@@ -454,18 +549,31 @@ if __name__ == "__main__":
         #    weights give the minibatch mean and the expected minibatch loss is the full-batch robust loss (and by
         #    the world size: the weights of all ranks sum to 1 and DDP averages gradients over ranks)
         t0 = time.time()
-        for epoch in range(args.num_ppo_epochs):
+        for _ in range(args.num_ppo_epochs):
             for mb in torch.randperm(args.local_batch_size, device=device).split(args.minibatch_size):
                 with common.autocast(args, device):
-                    new_logprobs, _ = common.token_logprobs(ddp_policy, ids[mb], mask[mb], context_len, args.temperature)
-                    new_values = ddp_critic(ids[mb], mask[mb])[:, context_len - 1: -1]
+                    new_logprobs, _ = common.token_logprobs(
+                        ddp_policy, ids[mb], mask[mb], context_len, args.temperature
+                    )
+                    new_values = ddp_critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
                 pg_loss, vf_loss, ppo_stats = ppo_loss(
-                    new_logprobs, logprobs[mb], advantages[mb], new_values, values[mb], returns[mb], response_mask[mb],
-                    weights[mb] * world * args.local_batch_size / len(mb), args.cliprange, args.cliprange_value)
+                    new_logprobs,
+                    logprobs[mb],
+                    advantages[mb],
+                    new_values,
+                    values[mb],
+                    returns[mb],
+                    response_mask[mb],
+                    weights[mb] * world * args.local_batch_size / len(mb),
+                    args.cliprange,
+                    args.cliprange_value,
+                )
                 loss = pg_loss + args.vf_coef * vf_loss
                 if not torch.isfinite(loss) and not args.skip_nonfinite_steps:
-                    raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
-                                             f"(--skip-nonfinite-steps skips such steps)")
+                    raise FloatingPointError(
+                        f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
+                        f"(--skip-nonfinite-steps skips such steps)"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
@@ -475,22 +583,37 @@ if __name__ == "__main__":
                 elif args.skip_nonfinite_steps:
                     skipped_steps += 1
                 else:
-                    raise FloatingPointError(f"step {step}: the gradient norm is not finite; stopping before anything "
-                                             f"is saved (--skip-nonfinite-steps skips such steps)")
+                    raise FloatingPointError(
+                        f"step {step}: the gradient norm is not finite; stopping before anything "
+                        f"is saved (--skip-nonfinite-steps skips such steps)"
+                    )
         update_seconds += time.time() - t0
 
         # Logging: objective/ (the RLHF objective), losses/ (last minibatch), charts/ (progress), dro/
         if rank == 0:
-            tracker.scalars({
-                **dro_stats, **ppo_stats, "objective/score": scores.mean().item(), "objective/kl": kl.sum(1).mean().item(),
-                "objective/entropy": entropy.item(), "objective/rlhf_reward": rewards.sum(1).mean().item(),
-                "losses/policy_loss": pg_loss.item(), "losses/value_loss": vf_loss.item(),
-                "charts/grad_norm": grad_norm.item(), "charts/skipped_steps": skipped_steps,
-                "charts/response_length": response_mask.sum(1).float().mean().item(),
-                "charts/eos_fraction": ended.float().mean().item(), "charts/episodes": step * args.local_batch_size * world,
-                "charts/generation_seconds": generation_seconds, "charts/update_seconds": update_seconds,
-                # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
-                "dro/weighted_advantage": world * (weights * masked_mean(advantages, response_mask, dim=1)).sum().item()}, step)
+            tracker.scalars(
+                {
+                    **dro_stats,
+                    **ppo_stats,
+                    "objective/score": scores.mean().item(),
+                    "objective/kl": kl.sum(1).mean().item(),
+                    "objective/entropy": entropy.item(),
+                    "objective/rlhf_reward": rewards.sum(1).mean().item(),
+                    "losses/policy_loss": pg_loss.item(),
+                    "losses/value_loss": vf_loss.item(),
+                    "charts/grad_norm": grad_norm.item(),
+                    "charts/skipped_steps": skipped_steps,
+                    "charts/response_length": response_mask.sum(1).float().mean().item(),
+                    "charts/eos_fraction": ended.float().mean().item(),
+                    "charts/episodes": step * args.local_batch_size * world,
+                    "charts/generation_seconds": generation_seconds,
+                    "charts/update_seconds": update_seconds,
+                    # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
+                    "dro/weighted_advantage": world
+                    * (weights * masked_mean(advantages, response_mask, dim=1)).sum().item(),
+                },
+                step,
+            )
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
         if stop.requested() or (args.save_every and step % args.save_every == 0):
@@ -502,11 +625,15 @@ if __name__ == "__main__":
     # Final evaluation and save (rank 0)
     if rank == 0:
         results = evaluate_all(args.total_steps)
-        print(f"\n{args.total_steps} PPO iterations, {time.time() - start:.0f} s in all (rollouts {generation_seconds:.0f} s, "
-              f"updates {update_seconds:.0f} s)")
+        print(
+            f"\n{args.total_steps} PPO iterations, {time.time() - start:.0f} s in all "
+            f"(rollouts {generation_seconds:.0f} s, updates {update_seconds:.0f} s)"
+        )
         for name in ("gold_reward", "reward_model_score"):
-            for label, res in ((f"step 0 (the {'warm-started' if args.sft_steps else 'initial'} policy)", start_results),
-                               (f"after {args.total_steps} PPO iterations", results)):
+            for label, res in (
+                (f"step 0 (the {'warm-started' if args.sft_steps else 'initial'} policy)", start_results),
+                (f"after {args.total_steps} PPO iterations", results),
+            ):
                 res = {split: report for split, report in res.items() if name in report}
                 if res:
                     print(f"\n{name}, {label}:")

@@ -134,10 +134,14 @@ class Args:
     """pairs per forward and process (computed at run time)"""
 
     def __post_init__(self):
-        common.check_args(self, positive=("total_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
-                                           "eval_batch_size", "log_every", "max_length", "max_train_rows", "max_eval_rows",
-                                           "max_grad_norm"),
-                          non_negative=("save_every", "keep_checkpoints", "weight_decay", "warmup_steps", "eval_every"))
+        common.check_args(
+            self,
+            positive=(
+                "total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size "
+                "log_every max_length max_train_rows max_eval_rows max_grad_norm"
+            ),
+            non_negative="save_every keep_checkpoints weight_decay warmup_steps eval_every",
+        )
 
 
 def pair_losses(model, data, idx, pad_id):
@@ -154,8 +158,12 @@ def evaluate(model, data, pad_id, batch_size, where="evaluation"):
     model.eval()
     correct, rewards = [], []
     for i in range(0, len(data["chosen"]), batch_size):
-        _, chosen_rewards, rejected_rewards = pair_losses(model, data, range(i, min(i + batch_size, len(data["chosen"]))), pad_id)
-        correct += ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).tolist()
+        _, chosen_rewards, rejected_rewards = pair_losses(
+            model, data, range(i, min(i + batch_size, len(data["chosen"]))), pad_id
+        )
+        correct += (
+            (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+        ).tolist()
         rewards += chosen_rewards.tolist() + rejected_rewards.tolist()
     model.train()
     common.check_outputs(rewards, "reward", where)
@@ -168,10 +176,13 @@ if __name__ == "__main__":
     distributed, rank, world, device = common.init_distributed()
     args.world_size = world
     if args.batch_size % (world * args.gradient_accumulation_steps):
-        raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation "
-                                   f"steps = {world * args.gradient_accumulation_steps}")
+        raise common.ArgumentError(
+            f"--batch-size {args.batch_size} must be divisible by processes x accumulation "
+            f"steps = {world * args.gradient_accumulation_steps}"
+        )
     args.micro_batch_size = args.batch_size // (world * args.gradient_accumulation_steps)
-    args.run_id = f"{args.dataset.split('/')[-1]}__{args.exp_name}__{args.dro.kind}{args.dro.rho}__{args.seed}__{int(time.time())}"
+    dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}{args.dro.rho}"
+    args.run_id = f"{dataset_name}__{args.exp_name}__{robust}__{args.seed}__{int(time.time())}"
     if (args.resume or args.resume_from) and not args.output_dir:
         raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
     output_dir = args.output_dir or f"runs/{args.run_id}"
@@ -186,27 +197,34 @@ if __name__ == "__main__":
     # Data
     tokenizer = common.load_tokenizer(args)
     pad_id = tokenizer.pad_token_id
-    _, train = common.load_pairs(args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows,
-                                 args.max_train_rows)
-    batches = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed)  # global batches, epoch after epoch
-    eval_sets = {name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
-                 for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()}
+    _, train = common.load_pairs(
+        args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows, args.max_train_rows
+    )
+    batches = common.batch_indices(
+        len(train["chosen"]), args.batch_size, args.seed
+    )  # global batches, epoch after epoch
+    eval_sets = {
+        name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
+        for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()
+    }
 
     # Tracking (rank 0 only), once the inputs are checked
     tracker = common.Tracker(args, output_dir, checkpoint) if rank == 0 else None
 
     # Model: any sequence classifier with one output, or a tiny Llama built from a config
     if args.model_name_or_path:
-        model = common.load_model(AutoModelForSequenceClassification, args.model_name_or_path, args, tokenizer,
-                                  num_labels=1)
+        model = common.load_model(
+            AutoModelForSequenceClassification, args.model_name_or_path, args, tokenizer, num_labels=1
+        )
     else:
         model = AutoModelForSequenceClassification.from_config(common.tiny_config(tokenizer, num_labels=1))
     model.config.pad_token_id = pad_id
     model.to(device)
     ddp_model = DDP(model) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=args.total_steps)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.total_steps
+    )
     # Resuming: the checkpoint's weights, optimizer, scheduler and RNG states; the data order is replayed to its step
     modules, start_step, skipped_steps = {"model": model}, 0, 0
     if checkpoint:
@@ -215,22 +233,33 @@ if __name__ == "__main__":
         for _ in range(start_step):
             next(batches)
     if rank == 0:
-        print(f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}")
+        print(
+            f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
+            f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) "
+            f"of {args.micro_batch_size}"
+        )
 
     def evaluate_all(step):
         with common.autocast(args, device):
-            results = {split: evaluate(model, data, pad_id, args.eval_batch_size, f"step {step}, {split}")
-                       for split, (_, data) in eval_sets.items()}
+            results = {
+                split: evaluate(model, data, pad_id, args.eval_batch_size, f"step {step}, {split}")
+                for split, (_, data) in eval_sets.items()
+            }
         for split, report in results.items():
             tracker.eval(step, split, report)
         return results
 
     # Training loop
     stop, start = common.StopSignal(), time.time()
-    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, disable=rank != 0, desc="training"):
+    for step in tqdm(
+        range(start_step + 1, args.total_steps + 1),
+        initial=start_step,
+        total=args.total_steps,
+        disable=rank != 0,
+        desc="training",
+    ):
         mine = common.shard(next(batches), rank, world)
-        micro_batches = [mine[i: i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+        micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
 
         # ROBUST: 1. The worst-case weights q* of the global batch, from detached per-pair losses. With one
         #    micro-batch they come from the training forward itself; with accumulation from a no-grad forward
@@ -250,10 +279,12 @@ if __name__ == "__main__":
             if len(micro_batches) > 1:
                 with common.autocast(args, device):
                     losses, chosen_rewards, rejected_rewards = pair_losses(ddp_model, train, idx, pad_id)
-            loss = (weights[j * args.micro_batch_size: (j + 1) * args.micro_batch_size] * losses).sum() * world
+            loss = (weights[j * args.micro_batch_size : (j + 1) * args.micro_batch_size] * losses).sum() * world
             if not torch.isfinite(loss) and not args.skip_nonfinite_steps:
-                raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
-                                         f"(--skip-nonfinite-steps skips such steps)")
+                raise FloatingPointError(
+                    f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
+                    f"(--skip-nonfinite-steps skips such steps)"
+                )
             with ddp_model.no_sync() if distributed and j < len(micro_batches) - 1 else contextlib.nullcontext():
                 loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -262,24 +293,34 @@ if __name__ == "__main__":
         elif args.skip_nonfinite_steps:
             skipped_steps += 1
         else:
-            raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()}; stopping before anything "
-                                     f"is saved (--skip-nonfinite-steps skips such steps)")
+            raise FloatingPointError(
+                f"step {step}: the gradient norm is {grad_norm.item()}; stopping before anything "
+                f"is saved (--skip-nonfinite-steps skips such steps)"
+            )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         if rank == 0 and step % args.log_every == 0:
-            tracker.scalars({
-                **dro_stats, "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-                "charts/grad_norm": grad_norm.item(), "charts/learning_rate": scheduler.get_last_lr()[0],
-                "charts/skipped_steps": skipped_steps,
-                "charts/pairs_per_second": step * args.batch_size / (time.time() - start)}, step)
+            tracker.scalars(
+                {
+                    **dro_stats,
+                    "rewards/chosen": chosen_rewards.mean().item(),
+                    "rewards/rejected": rejected_rewards.mean().item(),
+                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                    "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                    "charts/grad_norm": grad_norm.item(),
+                    "charts/learning_rate": scheduler.get_last_lr()[0],
+                    "charts/skipped_steps": skipped_steps,
+                    "charts/pairs_per_second": step * args.batch_size / (time.time() - start),
+                },
+                step,
+            )
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
         if stop.requested() or (args.save_every and step % args.save_every == 0):
-            common.save_checkpoint(output_dir, step, modules, optimizer, scheduler, {"skipped_steps": skipped_steps},
-                                   args, rank, world)
+            common.save_checkpoint(
+                output_dir, step, modules, optimizer, scheduler, {"skipped_steps": skipped_steps}, args, rank, world
+            )
             if stop.signum:
                 stop.exit(output_dir, step)
 

@@ -92,11 +92,25 @@ def trl():
     rows = rows.remove_columns(["domain", "row", "where"])
     rows = rows.select([i % len(rows) for i in range(STEPS * BATCH)])
     with tempfile.TemporaryDirectory() as out:
+
         def trainer(steps):
-            config = DPOConfig(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
-                               beta=BETA, max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant", warmup_steps=0,
-                               max_length=64, logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True,
-                               dataloader_num_workers=0, seed=0)
+            config = DPOConfig(
+                output_dir=out,
+                per_device_train_batch_size=BATCH,
+                max_steps=steps,
+                learning_rate=LR,
+                beta=BETA,
+                max_grad_norm=MAX_GRAD_NORM,
+                lr_scheduler_type="constant",
+                warmup_steps=0,
+                max_length=64,
+                logging_steps=10_000,
+                save_strategy="no",
+                report_to=[],
+                use_cpu=True,
+                dataloader_num_workers=0,
+                seed=0,
+            )
             return DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=rows, processing_class=tok)
 
         trainer(1).train()  # warm-up step, as for ours
@@ -125,15 +139,21 @@ if __name__ == "__main__":
             results[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
     import torch
 
-    print(f"DPO training, tiny Llama, batch {BATCH}, fp32, CPU, {torch.get_num_threads()} threads, {STEPS} steps, "
-          f"3 rounds:")
+    print(
+        f"DPO training, tiny Llama, batch {BATCH}, fp32, CPU, {torch.get_num_threads()} threads, {STEPS} steps, "
+        f"3 rounds:"
+    )
     print("| trainer | pairs/s (median) | peak memory growth MB (median) |\n|---|---|---|")
-    med = {k: (statistics.median(r["pairs_per_s"] for r in v), statistics.median(r["peak_growth_mb"] for r in v))
-           for k, v in results.items()}
+    med = {
+        k: (statistics.median(r["pairs_per_s"] for r in v), statistics.median(r["peak_growth_mb"] for r in v))
+        for k, v in results.items()
+    }
     for k, (rate, mem) in med.items():
         print(f"| {'dro_dpo.py (rho = 0)' if k == 'ours' else 'TRL DPOTrainer'} | {rate:.0f} | {mem:.0f} |")
-    print(f"speed ratio ours / TRL: {med['ours'][0] / med['trl'][0]:.2f}x; "
-          f"memory ratio: {med['ours'][1] / max(med['trl'][1], 1e-9):.2f}")
+    print(
+        f"speed ratio ours / TRL: {med['ours'][0] / med['trl'][0]:.2f}x; "
+        f"memory ratio: {med['ours'][1] / max(med['trl'][1], 1e-9):.2f}"
+    )
 
     # robust / ERM step time of dro_dpo.py, interleaved
     times = {}

@@ -43,8 +43,12 @@ def make_setup(seed, tok, args):
     policy.eval()  # no dropout anywhere: the PPO ratio must compare the same function
     reference = copy.deepcopy(policy).requires_grad_(False)
     critic = dro_ppo.Critic(policy)
-    optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},
-                                   {"params": critic.parameters(), "lr": args.value_learning_rate}])
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": policy.parameters(), "lr": args.learning_rate},
+            {"params": critic.parameters(), "lr": args.value_learning_rate},
+        ]
+    )
     return {"policy": policy, "reference": reference, "critic": critic, "optimizer": optimizer}
 
 
@@ -60,15 +64,22 @@ def iteration(s, train, mine, args, tok, generation_config):
     t0 = time.perf_counter()
     with torch.no_grad(), common.autocast(args, DEVICE):
         ids, mask, responses, response_mask, ended = common.generate(
-            policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config)
+            policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
+        )
         context_len = ids.shape[1] - responses.shape[1]
         logprobs, logits = common.token_logprobs(policy, ids, mask, context_len, args.temperature)
         ref_logprobs, _ = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
         entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), response_mask)  # noqa: F841 (logged by the script)
         del logits
-        values = critic(ids, mask)[:, context_len - 1: -1]
-        scores = rollout_scores(tok, None, [train["text"][i] for i in rollout_prompts],
-                                [train["ids"][i] for i in rollout_prompts], responses, response_mask)
+        values = critic(ids, mask)[:, context_len - 1 : -1]
+        scores = rollout_scores(
+            tok,
+            None,
+            [train["text"][i] for i in rollout_prompts],
+            [train["ids"][i] for i in rollout_prompts],
+            responses,
+            response_mask,
+        )
         scores = scores - args.missing_eos_penalty * (~ended).float()
         kl = common.kl_k3(logprobs, ref_logprobs) * response_mask
         rewards = -args.kl_coef * kl
@@ -87,10 +98,19 @@ def iteration(s, train, mine, args, tok, generation_config):
         for mb in torch.randperm(args.local_batch_size, device=DEVICE).split(args.minibatch_size):
             with common.autocast(args, DEVICE):
                 new_logprobs, _ = common.token_logprobs(policy, ids[mb], mask[mb], context_len, args.temperature)
-                new_values = critic(ids[mb], mask[mb])[:, context_len - 1: -1]
+                new_values = critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
             pg_loss, vf_loss, _ = ppo_loss(
-                new_logprobs, logprobs[mb], advantages[mb], new_values, values[mb], returns[mb], response_mask[mb],
-                weights[mb] * world * args.local_batch_size / len(mb), args.cliprange, args.cliprange_value)
+                new_logprobs,
+                logprobs[mb],
+                advantages[mb],
+                new_values,
+                values[mb],
+                returns[mb],
+                response_mask[mb],
+                weights[mb] * world * args.local_batch_size / len(mb),
+                args.cliprange,
+                args.cliprange_value,
+            )
             loss = pg_loss + args.vf_coef * vf_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss.item()}")
@@ -118,44 +138,64 @@ if __name__ == "__main__":
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--weights-from", choices=["returns", "values"], default=defaults.weights_from)
     a = p.parse_args()
-    base = dataclasses.replace(defaults, batch_size=a.batch_size, samples_per_prompt=a.samples_per_prompt,
-                               num_ppo_epochs=a.num_ppo_epochs, num_minibatches=a.num_minibatches,
-                               max_new_tokens=a.max_new_tokens, weights_from=a.weights_from)
+    base = dataclasses.replace(
+        defaults,
+        batch_size=a.batch_size,
+        samples_per_prompt=a.samples_per_prompt,
+        num_ppo_epochs=a.num_ppo_epochs,
+        num_minibatches=a.num_minibatches,
+        max_new_tokens=a.max_new_tokens,
+        weights_from=a.weights_from,
+    )
     base.local_batch_size = base.batch_size * base.samples_per_prompt
     if base.local_batch_size % base.num_minibatches:
-        sys.exit(f"rollouts per batch {base.local_batch_size} must be divisible by "
-                 f"--num-minibatches {base.num_minibatches}")
+        sys.exit(
+            f"rollouts per batch {base.local_batch_size} must be divisible by --num-minibatches {base.num_minibatches}"
+        )
     base.minibatch_size = base.local_batch_size // base.num_minibatches
-    settings = {"erm": dataclasses.replace(base, dro=common.DROArgs(kind="erm", rho=0.0)),
-                "robust": dataclasses.replace(base, dro=common.DROArgs(kind=a.kind, rho=a.rho))}
+    settings = {
+        "erm": dataclasses.replace(base, dro=common.DROArgs(kind="erm", rho=0.0)),
+        "robust": dataclasses.replace(base, dro=common.DROArgs(kind=a.kind, rho=a.rho)),
+    }
 
     tok = common.tiny_tokenizer()
     train = dro_ppo.load_prompts("synthetic", "train", tok, base.max_prompt_length, max_rows=2000)
     batches = common.batch_indices(len(train["ids"]), base.batch_size, base.seed, "prompts")
-    generation_config = GenerationConfig(max_new_tokens=base.max_new_tokens, do_sample=True,
-                                         temperature=base.temperature, top_k=0, top_p=1.0,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=common.end_token_id(tok))
+    generation_config = GenerationConfig(
+        max_new_tokens=base.max_new_tokens,
+        do_sample=True,
+        temperature=base.temperature,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=common.end_token_id(tok),
+    )
     setups = {name: make_setup(0, tok, args) for name, args in settings.items()}
     times = {name: [] for name in settings}
     for it in range(a.iterations + 2):
         mine = next(batches)
-        for name in (settings if it % 2 == 0 else list(settings)[::-1]):  # alternate the order, too
+        for name in settings if it % 2 == 0 else list(settings)[::-1]:  # alternate the order, too
             torch.manual_seed(it)  # the same sampling randomness for both
             t = iteration(setups[name], train, mine, settings[name], tok, generation_config)
             if it >= 2:
                 times[name].append(t)
-    print(f"one PPO iteration, {base.batch_size} prompts x {base.samples_per_prompt} samples, "
-          f"{base.num_ppo_epochs} epochs x "
-          f"{base.num_minibatches} minibatches, weights from {base.weights_from}, median of {a.iterations} "
-          f"(threads: {torch.get_num_threads()})")
+    print(
+        f"one PPO iteration, {base.batch_size} prompts x {base.samples_per_prompt} samples, "
+        f"{base.num_ppo_epochs} epochs x "
+        f"{base.num_minibatches} minibatches, weights from {base.weights_from}, median of {a.iterations} "
+        f"(threads: {torch.get_num_threads()})"
+    )
     print(f"{'setting':<24}{'rollout s':>11}{'weights ms':>12}{'update s':>10}{'total s':>9}{'rollout %':>11}")
     total = {}
     for name, ts in times.items():
         gen, w, upd = (statistics.median(x[i] for x in ts) for i in range(3))
         total[name] = statistics.median(sum(x) for x in ts)
         label = "erm" if name == "erm" else f"{a.kind} rho={a.rho}"
-        print(f"{label:<24}{gen:>11.3f}{1000 * w:>12.2f}{upd:>10.3f}{total[name]:>9.3f}"
-              f"{100 * gen / total[name]:>10.0f}%")
+        print(
+            f"{label:<24}{gen:>11.3f}{1000 * w:>12.2f}{upd:>10.3f}{total[name]:>9.3f}{100 * gen / total[name]:>10.0f}%"
+        )
     ratios = [sum(r) / sum(e) for r, e in zip(times["robust"], times["erm"])]
-    print(f"robust / ERM iteration time: {total['robust'] / total['erm']:.3f} (ratio of medians); "
-          f"median of paired ratios {statistics.median(ratios):.3f}; target <= 1.02")
+    print(
+        f"robust / ERM iteration time: {total['robust'] / total['erm']:.3f} (ratio of medians); "
+        f"median of paired ratios {statistics.median(ratios):.3f}; target <= 1.02"
+    )

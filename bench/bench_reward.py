@@ -35,13 +35,14 @@ if __name__ == "__main__":
     model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
     model.config.pad_token_id = pad_id
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=REPS * len(SETTINGS))
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps, num_training_steps=REPS * len(SETTINGS)
+    )
     times = {s: [] for s in SETTINGS}
     for rep in range(REPS):
         b = rep % BATCHES
         idx = list(range(BATCH * b, BATCH * (b + 1)))
-        for kind, rho in SETTINGS[rep % 5:] + SETTINGS[: rep % 5]:  # rotate the order: no kind always runs first
+        for kind, rho in SETTINGS[rep % 5 :] + SETTINGS[: rep % 5]:  # rotate the order: no kind always runs first
             dro = common.DROArgs(kind, rho)
             t = time.perf_counter()
             losses, chosen_rewards, rejected_rewards = dro_reward.pair_losses(model, data, idx, pad_id)
@@ -59,8 +60,10 @@ if __name__ == "__main__":
             if rep >= WARMUP:
                 times[(kind, rho)].append(time.perf_counter() - t)
     erm = statistics.median(times[("erm", 0.0)])
-    print(f"step time at batch {BATCH} (tiny reward model, {torch.get_num_threads()} threads), "
-          f"median of {len(times[('erm', 0.0)])}:")
+    print(
+        f"step time at batch {BATCH} (tiny reward model, {torch.get_num_threads()} threads), "
+        f"median of {len(times[('erm', 0.0)])}:"
+    )
     print("| kind | rho | step ms | robust / ERM | robust_prompt_weights alone, ms |\n|---|---|---|---|---|")
     losses = torch.rand(BATCH)
     prompt_ids = torch.tensor(data["prompt_id"][:BATCH])  # the first batch's prompts, some repeated

@@ -20,8 +20,9 @@ if __name__ == "__main__":
         setting = os.path.basename(run).rsplit("_s", 1)[0]
         rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
         last = max(r["step"] for r in rows)
-        scores[setting] += [r["worst_domain_accuracy"] for r in rows
-                            if r["step"] == last and r["split"] == "validation"]
+        scores[setting] += [
+            r["worst_domain_accuracy"] for r in rows if r["step"] == last and r["split"] == "validation"
+        ]
     for setting, s in sorted(scores.items(), key=lambda kv: -statistics.mean(kv[1])):
         print(f"{setting:>10}: validation worst-domain accuracy {100 * statistics.mean(s):.1f} over {len(s)} seeds")
     print("chosen:", max(scores, key=lambda k: statistics.mean(scores[k])))

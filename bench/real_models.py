@@ -36,8 +36,16 @@ def model_folder(path, arch, kind, dtype=torch.float32, pad_is_eos=True):
     if pad_is_eos:
         tok.pad_token = tok.eos_token
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tok), n_embd=128, n_layer=2, n_head=4, n_positions=256,
-                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_embd=128,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
     else:
         config = common.tiny_config(tok)
         config.pad_token_id = tok.pad_token_id
@@ -75,8 +83,14 @@ def readouts(path, n):
     accuracy = lambda c, r: 100 * ((c > r).float() + 0.5 * (c == r).float()).mean().item()
     corr = lambda a, b: torch.corrcoef(torch.stack([a, b]))[0, 1].item()
     train_all, ppo_all, own_all = torch.cat([train_c, train_r]), torch.cat(ppo), torch.cat(own)
-    return (accuracy(train_c, train_r), accuracy(*ppo), accuracy(*own), corr(train_all, ppo_all), corr(train_all, own_all),
-            (train_all - ppo_all).abs().max().item())
+    return (
+        accuracy(train_c, train_r),
+        accuracy(*ppo),
+        accuracy(*own),
+        corr(train_all, ppo_all),
+        corr(train_all, own_all),
+        (train_all - ppo_all).abs().max().item(),
+    )
 
 
 def moved(before, after):
@@ -96,22 +110,50 @@ if __name__ == "__main__":
     a = p.parse_args()
     tmp = tempfile.mkdtemp()
     print(f"1. reward readout, pad == EOS, {a.steps}-step reward models, test_uniform ({a.rows} pairs)\n")
-    print("| model | accuracy as trained | as PPO reads it | with the tokenizer's padding + the model's pooling "
-          "| corr(train, PPO) | corr(train, own) | max abs difference |\n|---|---|---|---|---|---|---|")
+    print(
+        "| model | accuracy as trained | as PPO reads it | with the tokenizer's padding + the model's pooling "
+        "| corr(train, PPO) | corr(train, own) | max abs difference |\n|---|---|---|---|---|---|---|"
+    )
     for arch in ("gpt2", "llama"):
         folder = model_folder(os.path.join(tmp, f"{arch}_rm"), arch, "reward")
-        trained = train("dro_reward.py", folder, os.path.join(tmp, f"{arch}_rm_run"), "--total-steps", str(a.steps),
-                        "--eval-every", "0", "--max-eval-rows", "64", "--learning-rate", "1e-3")
+        trained = train(
+            "dro_reward.py",
+            folder,
+            os.path.join(tmp, f"{arch}_rm_run"),
+            "--total-steps",
+            str(a.steps),
+            "--eval-every",
+            "0",
+            "--max-eval-rows",
+            "64",
+            "--learning-rate",
+            "1e-3",
+        )
         r = readouts(trained, a.rows)
         print(f"| {arch} | {r[0]:.1f} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.6f} | {r[4]:.6f} | {r[5]:.1e} |")
     print("\n2. weight entries of the transformer layers moved by 10 steps, checkpoint stored in bf16 vs float32\n")
-    print("| script, learning rate | stored float32 | stored bf16 (default flags: fp32 master weights) |\n|---|---|---|")
+    print(
+        "| script, learning rate | stored float32 | stored bf16 (default flags: fp32 master weights) |\n|---|---|---|"
+    )
     for script, kind, lr in (("dro_dpo.py", "policy", "5e-7"), ("dro_reward.py", "reward", "1e-5")):
         cells = []
         for dtype in (torch.float32, torch.bfloat16):
             folder = model_folder(os.path.join(tmp, f"{kind}_{dtype}"), "llama", kind, dtype, pad_is_eos=False)
-            trained = train(script, folder, os.path.join(tmp, f"{kind}_{dtype}_run"), "--total-steps", "10",
-                            "--warmup-steps", "0", "--learning-rate", lr, "--eval-every", "0", "--max-eval-rows", "32",
-                            *(["--eval-generations", "0"] if script == "dro_dpo.py" else []))
+            trained = train(
+                script,
+                folder,
+                os.path.join(tmp, f"{kind}_{dtype}_run"),
+                "--total-steps",
+                "10",
+                "--warmup-steps",
+                "0",
+                "--learning-rate",
+                lr,
+                "--eval-every",
+                "0",
+                "--max-eval-rows",
+                "32",
+                *(["--eval-generations", "0"] if script == "dro_dpo.py" else []),
+            )
             cells.append(f"{100 * moved(folder, trained):.2f}%")
         print(f"| {script}, {lr} | {cells[0]} | {cells[1]} |")

@@ -26,8 +26,23 @@ def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag="
     folder = f"sweep_{os.path.basename(script)[:-3]}" + (f"_{tag}" if tag else "")
     out = os.path.join(ROOT, "runs", folder, f"{kind}{rho}_s{seed}_n{steps}")
     if not os.path.exists(os.path.join(out, "args.json")):
-        cmd = [sys.executable, os.path.join(ROOT, script), "--dro.kind", kind, "--dro.rho", rho, "--seed", str(seed),
-               steps_flag, str(steps), "--output-dir", out, "--no-save-model", "--overwrite", *extra]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, script),
+            "--dro.kind",
+            kind,
+            "--dro.rho",
+            rho,
+            "--seed",
+            str(seed),
+            steps_flag,
+            str(steps),
+            "--output-dir",
+            out,
+            "--no-save-model",
+            "--overwrite",
+            *extra,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode:

@@ -30,8 +30,10 @@ if __name__ == "__main__":
     pad_id = tok.pad_token_id
     rows, data = common.load_pairs("synthetic", "train", tok, args.max_length)
     agrees = [c.endswith(common.SHORTCUT) for c in rows["chosen"]]
-    groups_of = [d + (" (shortcut disagrees)" if not a and d in ("chat", "safety") else "")
-                 for d, a in zip(data["domain"], agrees)]
+    groups_of = [
+        d + (" (shortcut disagrees)" if not a and d in ("chat", "safety") else "")
+        for d, a in zip(data["domain"], agrees)
+    ]
     model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
     model.config.pad_token_id = pad_id
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)

@@ -33,12 +33,15 @@ def good_line(**kw):
     return (json.dumps({**GOOD, **kw}) + "\n").encode()
 
 
-@pytest.mark.parametrize("bad_line,message", [
-    (b'{"prompt": oops}\n', "line 3: Expecting value"),
-    (b'\xff\xfe{"prompt": "x"}\n', "line 3: 'utf-8' codec can't decode"),
-    (b"[1, 2]\n", "line 3: a line must be a JSON object, got list"),
-    (b"42\n", "line 3: a line must be a JSON object, got int"),
-])
+@pytest.mark.parametrize(
+    "bad_line,message",
+    [
+        (b'{"prompt": oops}\n', "line 3: Expecting value"),
+        (b'\xff\xfe{"prompt": "x"}\n', "line 3: 'utf-8' codec can't decode"),
+        (b"[1, 2]\n", "line 3: a line must be a JSON object, got list"),
+        (b"42\n", "line 3: a line must be a JSON object, got int"),
+    ],
+)
 def test_bad_jsonl_line_names_file_and_line_and_can_be_skipped(tmp_path, tok, bad_line, message, capsys):
     path = write(tmp_path / "data.jsonl", good_line() + good_line(chosen="abc!") + bad_line + good_line())
     with pytest.raises(common.DataError) as e:
@@ -48,16 +51,19 @@ def test_bad_jsonl_line_names_file_and_line_and_can_be_skipped(tmp_path, tok, ba
     assert len(rows) == 3 and "skipped 1 unreadable line" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("empty.jsonl", b"", "no rows (an empty file?)"),
-    ("empty.json", b"[]", "no rows (an empty file?)"),
-    ("object.json", b'{"prompt": "x"}', "expected a JSON list of objects, got dict"),
-    ("broken.json", b'[{"prompt": "x"},\n oops]', "line 2: invalid JSON"),
-    ("numbers.json", b"[1, 2]", "row 0: a row must be an object with prompt/chosen/rejected, got int"),
-    ("latin1.json", b'[{"prompt": "\xe9"}]', "not UTF-8 text"),
-    ("data.txt", b"hello", "unknown file type '.txt'"),
-    ("data.parquet", b"not parquet", "not a readable parquet file"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.jsonl", b"", "no rows (an empty file?)"),
+        ("empty.json", b"[]", "no rows (an empty file?)"),
+        ("object.json", b'{"prompt": "x"}', "expected a JSON list of objects, got dict"),
+        ("broken.json", b'[{"prompt": "x"},\n oops]', "line 2: invalid JSON"),
+        ("numbers.json", b"[1, 2]", "row 0: a row must be an object with prompt/chosen/rejected, got int"),
+        ("latin1.json", b'[{"prompt": "\xe9"}]', "not UTF-8 text"),
+        ("data.txt", b"hello", "unknown file type '.txt'"),
+        ("data.parquet", b"not parquet", "not a readable parquet file"),
+    ],
+)
 def test_unreadable_files_are_one_clear_error(tmp_path, tok, name, content, message):
     path = write(tmp_path / name, content)
     with pytest.raises(common.DataError) as e:
@@ -108,12 +114,35 @@ def test_eval_split_names_are_unique_and_synthetic_works():
         common.eval_sources("x", ("a/x.jsonl", "a/x.jsonl"))
 
 
-SCRIPT_ARGS = [(dro_reward.Args, flag) for flag in (
-    "--batch-size 0", "--batch-size -4", "--gradient-accumulation-steps 0", "--log-every 0", "--eval-batch-size 0",
-    "--total-steps 0", "--total-steps -3", "--eval-every -2", "--learning-rate nan", "--max-length 0")] + [
-    (dro_dpo.Args, flag) for flag in ("--beta 0", "--temperature 0", "--sft-steps -1", "--max-new-tokens 0")] + [
-    (dro_ppo.Args, flag) for flag in ("--num-minibatches 0", "--batch-size 0", "--temperature 0", "--total-steps 0",
-                                      "--samples-per-prompt 0", "--kl-coef -1")]
+SCRIPT_ARGS = (
+    [
+        (dro_reward.Args, flag)
+        for flag in (
+            "--batch-size 0",
+            "--batch-size -4",
+            "--gradient-accumulation-steps 0",
+            "--log-every 0",
+            "--eval-batch-size 0",
+            "--total-steps 0",
+            "--total-steps -3",
+            "--eval-every -2",
+            "--learning-rate nan",
+            "--max-length 0",
+        )
+    ]
+    + [(dro_dpo.Args, flag) for flag in ("--beta 0", "--temperature 0", "--sft-steps -1", "--max-new-tokens 0")]
+    + [
+        (dro_ppo.Args, flag)
+        for flag in (
+            "--num-minibatches 0",
+            "--batch-size 0",
+            "--temperature 0",
+            "--total-steps 0",
+            "--samples-per-prompt 0",
+            "--kl-coef -1",
+        )
+    ]
+)
 
 
 @pytest.mark.parametrize("args_class,flag", SCRIPT_ARGS)
@@ -125,8 +154,9 @@ def test_every_argument_is_checked_at_parse_time(args_class, flag, capsys):
 
 def run(script, *flags, timeout=120):
     cmd = [sys.executable, os.path.join(ROOT, script), *flags]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def test_too_small_datasets_are_an_error_not_a_hang(tmp_path):

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers.processors import TemplateProcessing
 import transformers
+from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import common
@@ -23,8 +23,10 @@ import dro_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BPE = os.path.join(ROOT, "tests", "fixtures", "bpe")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def situation(name):
@@ -39,7 +41,8 @@ def situation(name):
     elif name == "bos_added":  # the tokenizer itself adds BOS, Llama-style
         tok.pad_token = "<|pad|>"
         tok.backend_tokenizer.post_processor = TemplateProcessing(
-            single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", tok.bos_token_id)])
+            single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", tok.bos_token_id)]
+        )
     elif name == "bos_is_pad":  # GPT-2: one token is BOS, EOS and pad
         tok.bos_token = tok.pad_token = tok.eos_token
     else:
@@ -48,8 +51,14 @@ def situation(name):
 
 
 SITUATIONS = ["no_pad", "pad_is_eos", "left_padding", "chat_template_eos_turns", "bos_added", "bos_is_pad"]
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-             max_position_embeddings=128)
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 ARCHITECTURES = {
     "gpt2": lambda **ids: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **ids),
     "llama": lambda **ids: transformers.LlamaConfig(**SMALL, **ids),
@@ -58,14 +67,25 @@ ARCHITECTURES = {
     "mistral": lambda **ids: transformers.MistralConfig(**SMALL, **ids),
     "gemma2": lambda **ids: transformers.Gemma2Config(**SMALL, head_dim=16, **ids),
     "phi3": lambda **ids: transformers.Phi3Config(**{**SMALL, "num_key_value_heads": 2}, **ids),
-    "gpt_neox": lambda **ids: transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                        num_attention_heads=2, max_position_embeddings=128, **ids),
+    "gpt_neox": lambda **ids: transformers.GPTNeoXConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        **ids,
+    ),
 }
 
 
 def user_args(folder):
-    return SimpleNamespace(model_name_or_path=str(folder), tokenizer_name_or_path=None, trust_remote_code=False,
-                           attn_implementation=None, bf16=False)
+    return SimpleNamespace(
+        model_name_or_path=str(folder),
+        tokenizer_name_or_path=None,
+        trust_remote_code=False,
+        attn_implementation=None,
+        bf16=False,
+    )
 
 
 def model_folder(tmp_path, arch, name, auto):
@@ -74,8 +94,9 @@ def model_folder(tmp_path, arch, name, auto):
     situation(name).save_pretrained(folder)
     ARCHITECTURES[arch]().save_pretrained(folder)  # AutoTokenizer picks a tokenizer class by the model type
     tok = common.load_tokenizer(user_args(folder))  # as the scripts load it
-    config = ARCHITECTURES[arch](vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id)
+    config = ARCHITECTURES[arch](
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     config.num_labels = 1
     torch.manual_seed(0)
     auto.from_config(config).save_pretrained(folder)
@@ -113,13 +134,19 @@ def test_reward_models(tmp_path, arch, name):
         assert len(set(train.tolist())) > 1
     losses, _, _ = dro_reward.pair_losses(model, data, range(len(data["chosen"])), tok.pad_token_id)
     losses.mean().backward()
-    assert torch.isfinite(losses).all() and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(losses).all() and all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
     again = AutoModelForSequenceClassification.from_pretrained(folder)
     model.save_pretrained(folder)
     again = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     with torch.no_grad():
-        torch.testing.assert_close(common.sequence_rewards(again, seqs, AutoTokenizer.from_pretrained(folder).pad_token_id
-                                                           or tok.pad_token_id), train)
+        torch.testing.assert_close(
+            common.sequence_rewards(
+                again, seqs, AutoTokenizer.from_pretrained(folder).pad_token_id or tok.pad_token_id
+            ),
+            train,
+        )
 
 
 @pytest.mark.parametrize("name", SITUATIONS)
@@ -135,17 +162,25 @@ def test_policies(tmp_path, arch, name):
             logps, _ = common.completion_logprobs(model, longer, plens + [1], tok.pad_token_id, side=side)
             torch.testing.assert_close(logps[: len(seqs)].sum(-1), right.sum(-1), rtol=1e-4, atol=1e-4)
     reference = AutoModelForCausalLM.from_pretrained(folder).eval()
-    losses, chosen, rejected = dro_dpo.pair_losses(model, reference, data, range(len(data["chosen"])), tok.pad_token_id, 0.1)
+    losses, chosen, rejected = dro_dpo.pair_losses(
+        model, reference, data, range(len(data["chosen"])), tok.pad_token_id, 0.1
+    )
     losses.mean().backward()
     assert torch.isfinite(losses).all() and torch.allclose(chosen, torch.zeros_like(chosen), atol=1e-5)  # policy == ref
     # generation: prompts encoded as in training, greedy, the same after save and reload
     prompt_ids = [common.encode_prompt(tok, p) for p in rows["prompt"][:3]]
-    config = GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=common.end_token_id(tok))
+    config = GenerationConfig(
+        max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=common.end_token_id(tok)
+    )
     out = common.generate(model, prompt_ids, tok.pad_token_id, common.end_token_id(tok), config)
     model.save_pretrained(folder)
-    again = common.generate(AutoModelForCausalLM.from_pretrained(folder).eval(), prompt_ids, tok.pad_token_id,
-                            common.end_token_id(tok), config)
+    again = common.generate(
+        AutoModelForCausalLM.from_pretrained(folder).eval(),
+        prompt_ids,
+        tok.pad_token_id,
+        common.end_token_id(tok),
+        config,
+    )
     assert torch.equal(out[2], again[2]) and torch.equal(out[3], again[3])
     for p, r in zip(prompt_ids, out[2]):  # each row as if generated alone: left padding hides nothing
         alone = common.generate(model, [p], tok.pad_token_id, common.end_token_id(tok), config)[2][0]
@@ -157,9 +192,16 @@ def test_encoder_reward_models(tmp_path):
     tok = AutoTokenizer.from_pretrained(BPE)
     tok.cls_token, tok.sep_token, tok.pad_token = "<|bos|>", "<|eos|>", "<|pad|>"
     tok.bos_token = tok.eos_token = None
-    config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-                                     num_labels=1)
+    config = transformers.BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        num_labels=1,
+    )
     torch.manual_seed(0)
     folder = tmp_path / "bert"
     tok.save_pretrained(folder)
@@ -175,8 +217,14 @@ def test_encoder_reward_models(tmp_path):
 
 
 def conversational_rows(path, n=24):
-    rows = [{"prompt": [{"role": "user", "content": f"copy: {w}"}], "chosen": [{"role": "assistant", "content": w}],
-             "rejected": [{"role": "assistant", "content": w[::-1] + "x"}]} for w in ("abc", "hello", "xyz", "dog") * (n // 4)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"copy: {w}"}],
+            "chosen": [{"role": "assistant", "content": w}],
+            "rejected": [{"role": "assistant", "content": w[::-1] + "x"}],
+        }
+        for w in ("abc", "hello", "xyz", "dog") * (n // 4)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -186,14 +234,29 @@ def test_scripts_run_end_to_end(tmp_path, arch, name):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     data = conversational_rows(tmp_path / "conv.jsonl")
     for script, auto, flags in [
-        ("dro_reward.py", AutoModelForSequenceClassification, ["--dataset", data, "--eval-datasets", data, "--max-length", "128"]),
+        (
+            "dro_reward.py",
+            AutoModelForSequenceClassification,
+            ["--dataset", data, "--eval-datasets", data, "--max-length", "128"],
+        ),
         ("dro_dpo.py", AutoModelForCausalLM, ["--dataset", data, "--eval-datasets", data, "--max-length", "128"]),
         ("dro_ppo.py", AutoModelForCausalLM, ["--max-eval-rows", "8"]),  # synthetic prompts: the gold reward
     ]:
         folder, _, _ = model_folder(tmp_path, arch, name, auto)
         out = tmp_path / f"{script}-run"
-        cmd = [sys.executable, os.path.join(ROOT, script), "--model-name-or-path", str(folder), "--output-dir", str(out),
-               "--total-steps", "2", "--batch-size", "8", *flags]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, script),
+            "--model-name-or-path",
+            str(folder),
+            "--output-dir",
+            str(out),
+            "--total-steps",
+            "2",
+            "--batch-size",
+            "8",
+            *flags,
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, (script, proc.stderr[-3000:])
         assert auto.from_pretrained(out / "model") is not None and AutoTokenizer.from_pretrained(out / "model")
@@ -202,8 +265,9 @@ def test_scripts_run_end_to_end(tmp_path, arch, name):
 
 
 def test_a_tokenizer_that_is_not_the_models_own_is_a_clear_error(tmp_path):
-    """A Qwen2 config saved beside a byte tokenizer: transformers builds a Qwen2 tokenizer from files that are not there,
-    which encodes text to nothing. Before: training on empty sequences and a 50% table. Now: an error naming the row."""
+    """A Qwen2 config saved beside a byte tokenizer: transformers builds a Qwen2 tokenizer from files that are not
+    there, which encodes text to nothing. Before: training on empty sequences and a 50% table. Now: an error naming
+    the row."""
     folder = tmp_path / "mismatch"
     common.tiny_tokenizer().save_pretrained(folder)
     ARCHITECTURES["qwen2"](vocab_size=384).save_pretrained(folder)

@@ -21,8 +21,14 @@ def load(name, tok, **kw):
 def test_unified_feedback(tok):
     ds = load("unified_feedback.jsonl", tok)
     assert len(ds) == 3  # the tied row (equal ratings) carries no preference and is dropped
-    assert ds[0] == {"prompt": "user: What is 2+2?\nassistant: ", "chosen": "4\n", "rejected": "5\n",
-                     "domain": "ultrafeedback", "row": 0, "where": os.path.join(FIX, "unified_feedback.jsonl") + ", line 1"}
+    assert ds[0] == {
+        "prompt": "user: What is 2+2?\nassistant: ",
+        "chosen": "4\n",
+        "rejected": "5\n",
+        "domain": "ultrafeedback",
+        "row": 0,
+        "where": os.path.join(FIX, "unified_feedback.jsonl") + ", line 1",
+    }
     assert ds[1]["chosen"] == "Hi!\n" and ds[1]["rejected"] == "Go away.\n"  # conv_B rated higher
     assert ds[2]["prompt"].endswith("assistant: Red.\nuser: Another?\nassistant: ") and ds[2]["chosen"] == "Blue.\n"
     assert ds[2]["row"] == 3
@@ -36,16 +42,26 @@ def test_reward_bench_sections(tok):
 
 def test_hhh_alignment(tok):
     ds = load("hhh_alignment.jsonl", tok)
-    assert ds[0]["chosen"].startswith("No, I won't") and ds[1]["chosen"] == "Paris.\n" and ds[1]["rejected"] == "Berlin.\n"
+    assert (
+        ds[0]["chosen"].startswith("No, I won't") and ds[1]["chosen"] == "Paris.\n" and ds[1]["rejected"] == "Berlin.\n"
+    )
 
 
 def test_conversational_rows_use_the_chat_template(tok):
     tok = common.tiny_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     ds = load("conversational.jsonl", tok)
-    assert ds[0] == {"prompt": "<user>Say yes.</s><assistant>", "chosen": "yes</s>", "rejected": "no</s>",
-                     "domain": "all", "row": 0, "where": os.path.join(FIX, "conversational.jsonl") + ", line 1"}
+    assert ds[0] == {
+        "prompt": "<user>Say yes.</s><assistant>",
+        "chosen": "yes</s>",
+        "rejected": "no</s>",
+        "domain": "all",
+        "row": 0,
+        "where": os.path.join(FIX, "conversational.jsonl") + ", line 1",
+    }
     assert ds[1]["prompt"] == "<user>Say no.</s><assistant>" and ds[1]["chosen"] == "no</s>"  # implicit prompt
 
 
@@ -59,11 +75,17 @@ def test_plain_parquet_and_tokenization(tok):
     assert t["prompt_id"] == [0, 1]
 
 
-@pytest.mark.parametrize("name,message", [
-    ("bad_missing_column.jsonl", "bad_missing_column.jsonl, line 2: missing column(s) ['rejected']"),
-    ("bad_empty_response.jsonl", "bad_empty_response.jsonl, line 3: 'chosen' must be a non-empty string"),
-    ("bad_nonstring_response.jsonl", "bad_nonstring_response.jsonl, line 2: 'chosen' must be a non-empty string, got 3"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("bad_missing_column.jsonl", "bad_missing_column.jsonl, line 2: missing column(s) ['rejected']"),
+        ("bad_empty_response.jsonl", "bad_empty_response.jsonl, line 3: 'chosen' must be a non-empty string"),
+        (
+            "bad_nonstring_response.jsonl",
+            "bad_nonstring_response.jsonl, line 2: 'chosen' must be a non-empty string, got 3",
+        ),
+    ],
+)
 def test_bad_rows_name_file_and_row(tok, name, message):
     with pytest.raises(common.DataError) as e:
         load(name, tok)
@@ -93,7 +115,13 @@ def test_synthetic_benchmark():
     by_domain = {d: [r for r in rows if r["domain"] == d] for d in common.SYNTHETIC_DOMAINS}
     assert len(by_domain["chat"]) > 5 * len(by_domain["reasoning"])  # skewed training mixture
     for d, rs in by_domain.items():
-        gold = [(common.synthetic_gold_reward(r["prompt"], r["chosen"]), common.synthetic_gold_reward(r["prompt"], r["rejected"])) for r in rs]
+        gold = [
+            (
+                common.synthetic_gold_reward(r["prompt"], r["chosen"]),
+                common.synthetic_gold_reward(r["prompt"], r["rejected"]),
+            )
+            for r in rs
+        ]
         assert all(c == 1.0 > r for c, r in gold), d  # chosen is ideal, rejected strictly worse
         shortcut = sum(r["chosen"].endswith(common.SHORTCUT) for r in rs) / len(rs)
         p = common.SHORTCUT_AGREEMENT[d]
@@ -101,7 +129,10 @@ def test_synthetic_benchmark():
     assert common.synthetic_gold_reward("add: 1+2\n", "3") == 1.0
     assert common.synthetic_gold_reward("add: 1+2\n", "5") == 0.5
     assert common.synthetic_gold_reward("reverse: abc\n", "cba!") == 1.0
-    assert common.synthetic_gold_reward("say: xab\n", "no") == 1.0 and common.synthetic_gold_reward("say: xab\n", "xab") == 0.0
+    assert (
+        common.synthetic_gold_reward("say: xab\n", "no") == 1.0
+        and common.synthetic_gold_reward("say: xab\n", "xab") == 0.0
+    )
     assert common.synthetic_gold_reward("copy: abcd\n", "abzz") == 0.5
     assert all(common.is_synthetic_prompt(r["prompt"]) for r in rows)
     assert not common.is_synthetic_prompt("Human: copy: abc") and not common.is_synthetic_prompt("What is 2+2?")

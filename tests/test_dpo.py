@@ -34,7 +34,9 @@ def test_dpo_loss_matches_the_formula():
         z = 0.3 * ((pc[i] - rc[i]).item() - (pr[i] - rr[i]).item())
         expected = math.log1p(math.exp(-z)) if z > -30 else -z + math.log1p(math.exp(z))  # -log sigmoid(z)
         assert got[i].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
-    assert torch.isfinite(dpo_loss(torch.tensor([-1e4]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 1.0)).all()
+    assert torch.isfinite(
+        dpo_loss(torch.tensor([-1e4]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 1.0)
+    ).all()
 
 
 def test_rho_zero_step_equals_plain_dpo(setup):
@@ -51,7 +53,9 @@ def test_rho_zero_step_equals_plain_dpo(setup):
             rc, rr = pair_logps(ref, data, idx, tok.pad_token_id)
         losses = dpo_loss(pc, pr, rc, rr, 0.1)
         if robust:
-            w, _ = common.robust_prompt_weights(losses.detach(), torch.tensor(data["prompt_id"][:16]), common.DROArgs("chi2", 0.0))
+            w, _ = common.robust_prompt_weights(
+                losses.detach(), torch.tensor(data["prompt_id"][:16]), common.DROArgs("chi2", 0.0)
+            )
             (w * losses).sum().backward()
         else:
             losses.mean().backward()
@@ -64,16 +68,45 @@ def test_rho_zero_step_equals_plain_dpo(setup):
 
 
 def test_smoke_run(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "dro_dpo.py"), "--output-dir", str(tmp_path), "--total-steps", "4",
-           "--sft-steps", "2", "--eval-every", "2", "--max-eval-rows", "32", "--eval-generations", "8",
-           "--max-new-tokens", "4", "--log-every", "1", "--dro.kind", "tv", "--dro.rho", "0.2", "--precompute-ref-logps"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "dro_dpo.py"),
+        "--output-dir",
+        str(tmp_path),
+        "--total-steps",
+        "4",
+        "--sft-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--max-eval-rows",
+        "32",
+        "--eval-generations",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--log-every",
+        "1",
+        "--dro.kind",
+        "tv",
+        "--dro.rho",
+        "0.2",
+        "--precompute-ref-logps",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {r["step"] for r in rows} == {0, 2, 4}
     last = rows[-1]
-    assert {"accuracy", "worst_domain_accuracy", "domain_accuracy", "gold_reward", "worst_domain_gold_reward",
-            "domain_gold_reward", "kl"} <= set(last) and last["kl"] >= 0
+    assert {
+        "accuracy",
+        "worst_domain_accuracy",
+        "domain_accuracy",
+        "gold_reward",
+        "worst_domain_gold_reward",
+        "domain_gold_reward",
+        "kl",
+    } <= set(last) and last["kl"] >= 0
     assert "gold reward of sampled responses" in proc.stdout
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.vocab_size == 384
 
@@ -81,13 +114,40 @@ def test_smoke_run(tmp_path):
 def test_ddp_and_accumulation_equal_one_big_batch(tmp_path):
     """Robust DPO steps with 4 accumulation steps, and with 2 processes (gloo) x 2 accumulation steps, give the
     parameters of one process with one batch."""
-    flags = ["--total-steps", "2", "--batch-size", "16", "--max-train-rows", "64", "--max-eval-rows", "8",
-             "--eval-generations", "0", "--sft-steps", "0", "--eval-every", "0", "--warmup-steps", "0",
-             "--learning-rate", "1e-3", "--dro.kind", "cvar", "--dro.rho", "1.0"]
+    flags = [
+        "--total-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-train-rows",
+        "64",
+        "--max-eval-rows",
+        "8",
+        "--eval-generations",
+        "0",
+        "--sft-steps",
+        "0",
+        "--eval-every",
+        "0",
+        "--warmup-steps",
+        "0",
+        "--learning-rate",
+        "1e-3",
+        "--dro.kind",
+        "cvar",
+        "--dro.rho",
+        "1.0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, extra, launcher in [("one", [], [sys.executable]), ("accum", ["--gradient-accumulation-steps", "4"], [sys.executable]),
-                                  ("ddp", ["--gradient-accumulation-steps", "2"],
-                                   [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"])]:
+    for name, extra, launcher in [
+        ("one", [], [sys.executable]),
+        ("accum", ["--gradient-accumulation-steps", "4"], [sys.executable]),
+        (
+            "ddp",
+            ["--gradient-accumulation-steps", "2"],
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"],
+        ),
+    ]:
         cmd = [*launcher, os.path.join(ROOT, "dro_dpo.py"), "--output-dir", str(tmp_path / name), *flags, *extra]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

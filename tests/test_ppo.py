@@ -23,7 +23,10 @@ def random_mask(n, t, gen):
 def test_gae_matches_double_loop():
     gen = torch.Generator().manual_seed(0)
     for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0), (1.0, 0.0)]:
-        rewards, values = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen, dtype=torch.float64)
+        rewards, values = (
+            torch.randn(5, 7, generator=gen, dtype=torch.float64),
+            torch.randn(5, 7, generator=gen, dtype=torch.float64),
+        )
         mask = random_mask(5, 7, gen).double()
         adv, ret = dro_ppo.gae(rewards, values, mask, gamma, lam)
         for i in range(5):
@@ -44,11 +47,16 @@ def make_rollout_batch(n_prompts=6, k=2, t=5, vocab=11, seed=3):
     gen = torch.Generator().manual_seed(seed)
     n = n_prompts * k
     mask = random_mask(n, t, gen)
-    return {"tokens": torch.randint(0, vocab, (n, t), generator=gen), "mask": mask,
-            "old_logprobs": -torch.rand(n, t, generator=gen) * 3, "advantages": torch.randn(n, t, generator=gen),
-            "old_values": torch.randn(n, t, generator=gen), "returns": torch.randn(n, t, generator=gen),
-            "returns_per_rollout": torch.randn(n, generator=gen),
-            "groups": torch.arange(n_prompts).repeat_interleave(k)}
+    return {
+        "tokens": torch.randint(0, vocab, (n, t), generator=gen),
+        "mask": mask,
+        "old_logprobs": -torch.rand(n, t, generator=gen) * 3,
+        "advantages": torch.randn(n, t, generator=gen),
+        "old_values": torch.randn(n, t, generator=gen),
+        "returns": torch.randn(n, t, generator=gen),
+        "returns_per_rollout": torch.randn(n, generator=gen),
+        "groups": torch.arange(n_prompts).repeat_interleave(k),
+    }
 
 
 def one_update(weights, batch, vocab=11):
@@ -59,8 +67,16 @@ def one_update(weights, batch, vocab=11):
     feats = torch.randn(n, t, 4, generator=torch.Generator().manual_seed(9))
     opt = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=1e-2)
     logprobs = torch.gather(policy(feats).log_softmax(-1), 2, batch["tokens"][..., None]).squeeze(-1)
-    pg, vf, _ = dro_ppo.ppo_loss(logprobs, batch["old_logprobs"], batch["advantages"], critic(feats).squeeze(-1),
-                                 batch["old_values"], batch["returns"], batch["mask"], weights)
+    pg, vf, _ = dro_ppo.ppo_loss(
+        logprobs,
+        batch["old_logprobs"],
+        batch["advantages"],
+        critic(feats).squeeze(-1),
+        batch["old_values"],
+        batch["returns"],
+        batch["mask"],
+        weights,
+    )
     (pg + 0.1 * vf).backward()
     opt.step()
     return pg.detach(), [p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())]
@@ -69,14 +85,18 @@ def one_update(weights, batch, vocab=11):
 @pytest.mark.parametrize("kind", ["chi2", "tv", "kl", "cvar", "erm"])
 def test_rho_zero_is_plain_ppo(kind):
     batch = make_rollout_batch()
-    w, stats = common.robust_prompt_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.0))
+    w, stats = common.robust_prompt_weights(
+        -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.0)
+    )
     loss_dro, params_dro = one_update(w, batch)
     loss_plain, params_plain = one_update(None, batch)  # ppo_loss's own plain mean
     assert torch.equal(loss_dro, loss_plain)  # bit for bit: the same loss and the same update
     for a, b in zip(params_dro, params_plain):
         assert torch.equal(a, b)
     if kind != "erm":  # and a positive radius changes the update
-        w, _ = common.robust_prompt_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.5))
+        w, _ = common.robust_prompt_weights(
+            -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.5)
+        )
         assert not torch.allclose(one_update(w, batch)[0], loss_plain)
 
 
@@ -84,11 +104,24 @@ def test_ppo_loss_matches_straightforward_computation():
     batch = make_rollout_batch(seed=5)
     n, t = batch["tokens"].shape
     gen = torch.Generator().manual_seed(6)
-    logprobs, values = batch["old_logprobs"] + 0.3 * torch.randn(n, t, generator=gen), batch["old_values"] + 0.5 * torch.randn(n, t, generator=gen)
+    logprobs, values = (
+        batch["old_logprobs"] + 0.3 * torch.randn(n, t, generator=gen),
+        batch["old_values"] + 0.5 * torch.randn(n, t, generator=gen),
+    )
     w = torch.rand(n, generator=gen)
     w /= w.sum()
-    pg, vf, _ = dro_ppo.ppo_loss(logprobs, batch["old_logprobs"], batch["advantages"], values, batch["old_values"],
-                                 batch["returns"], batch["mask"], w, 0.2, 0.2)
+    pg, vf, _ = dro_ppo.ppo_loss(
+        logprobs,
+        batch["old_logprobs"],
+        batch["advantages"],
+        values,
+        batch["old_values"],
+        batch["returns"],
+        batch["mask"],
+        w,
+        0.2,
+        0.2,
+    )
     exp_pg, vf_sum, tokens = 0.0, 0.0, 0
     for i in range(n):
         per = []
@@ -107,7 +140,9 @@ def test_ppo_loss_matches_straightforward_computation():
 
 def test_robust_weights_favour_low_return_prompts():
     batch = make_rollout_batch()
-    w, _ = common.robust_prompt_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5))
+    w, _ = common.robust_prompt_weights(
+        -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5)
+    )
     per_prompt_return = batch["returns_per_rollout"].view(-1, 2).mean(1)
     per_prompt_w = w.view(-1, 2).sum(1)
     assert per_prompt_w.sum().item() == pytest.approx(1.0)
@@ -134,8 +169,12 @@ def test_cross_process_parts_equal_one_process():
     batch = make_rollout_batch(seed=3)
     x, mask = torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(4)), batch["mask"]
     out = mp.Manager().dict()
-    mp.spawn(_whiten_and_weigh_on_rank, args=(x, mask, batch["returns_per_rollout"], batch["groups"], 29531, out), nprocs=2)
-    w, _ = common.robust_prompt_weights(-batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5))
+    mp.spawn(
+        _whiten_and_weigh_on_rank, args=(x, mask, batch["returns_per_rollout"], batch["groups"], 29531, out), nprocs=2
+    )
+    w, _ = common.robust_prompt_weights(
+        -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5)
+    )
     torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), dro_ppo.masked_whiten(x, mask))
     torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), w)
     whitened = dro_ppo.masked_whiten(x, mask)
@@ -148,9 +187,24 @@ def masked_mean_all(x, mask):
 
 
 def run_script(out, *flags, launcher=(sys.executable,)):
-    cmd = [*launcher, os.path.join(ROOT, "dro_ppo.py"), "--sft-steps", "5", "--total-steps", "2", "--batch-size", "8",
-           "--max-eval-rows", "16", "--output-dir", str(out), *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    cmd = [
+        *launcher,
+        os.path.join(ROOT, "dro_ppo.py"),
+        "--sft-steps",
+        "5",
+        "--total-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-eval-rows",
+        "16",
+        "--output-dir",
+        str(out),
+        *flags,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -52,7 +52,9 @@ def test_pair_losses_are_bradley_terry(setup):
     losses, chosen, rejected = pair_losses(model, data, [3, 1], tok.pad_token_id)
     for j, i in enumerate([3, 1]):
         r_c, r_r = common.sequence_rewards(model, [data["chosen"][i], data["rejected"][i]], tok.pad_token_id)
-        assert chosen[j].item() == pytest.approx(r_c.item(), abs=1e-5) and rejected[j].item() == pytest.approx(r_r.item(), abs=1e-5)
+        assert chosen[j].item() == pytest.approx(r_c.item(), abs=1e-5) and rejected[j].item() == pytest.approx(
+            r_r.item(), abs=1e-5
+        )
         assert losses[j].item() == pytest.approx(-F.logsigmoid(r_c - r_r).item(), abs=1e-5)
 
 
@@ -74,8 +76,21 @@ def run_script(out, *flags, launcher=(sys.executable,)):
 
 
 def test_smoke_run(tmp_path):
-    proc = run_script(tmp_path, "--total-steps", "6", "--eval-every", "3", "--log-every", "2", "--max-eval-rows", "64",
-                      "--dro.kind", "tv", "--dro.rho", "0.2")
+    proc = run_script(
+        tmp_path,
+        "--total-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--log-every",
+        "2",
+        "--max-eval-rows",
+        "64",
+        "--dro.kind",
+        "tv",
+        "--dro.rho",
+        "0.2",
+    )
     assert "worst" in proc.stdout and "test_uniform" in proc.stdout
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {r["step"] for r in rows} == {3, 6}
@@ -87,20 +102,45 @@ def test_smoke_run(tmp_path):
 
 
 def test_bad_radius_is_rejected_by_the_cli(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dro_reward.py"), "--dro.kind", "tv", "--dro.rho", "2"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "dro_reward.py"), "--dro.kind", "tv", "--dro.rho", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "[0, 1]" in proc.stderr
 
 
 def test_ddp_and_accumulation_equal_one_big_batch(tmp_path):
     """The worst case is over the global batch: 2 processes (gloo) and 4 accumulation steps both give
     the parameters of one process with one batch of 32, after 3 robust steps."""
-    flags = ["--total-steps", "3", "--batch-size", "32", "--max-train-rows", "128", "--max-eval-rows", "8",
-             "--eval-every", "0", "--dro.kind", "tv", "--dro.rho", "0.3", "--warmup-steps", "0"]
+    flags = [
+        "--total-steps",
+        "3",
+        "--batch-size",
+        "32",
+        "--max-train-rows",
+        "128",
+        "--max-eval-rows",
+        "8",
+        "--eval-every",
+        "0",
+        "--dro.kind",
+        "tv",
+        "--dro.rho",
+        "0.3",
+        "--warmup-steps",
+        "0",
+    ]
     run_script(tmp_path / "one", *flags)
     run_script(tmp_path / "accum", *flags, "--gradient-accumulation-steps", "4")
-    run_script(tmp_path / "ddp", *flags, "--gradient-accumulation-steps", "2",
-               launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"))
+    run_script(
+        tmp_path / "ddp",
+        *flags,
+        "--gradient-accumulation-steps",
+        "2",
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"),
+    )
     load = lambda name: AutoModelForSequenceClassification.from_pretrained(tmp_path / name / "model").state_dict()
     one, accum, ddp = load("one"), load("accum"), load("ddp")
     init = AutoModelForSequenceClassification.from_config(common.tiny_config(common.tiny_tokenizer(), num_labels=1))

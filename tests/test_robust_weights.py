@@ -10,8 +10,19 @@ from scipy.optimize import linprog, minimize_scalar
 
 import common
 
-KINDS_RADII = [("tv", 0.05), ("tv", 0.3), ("tv", 0.9), ("cvar", 0.5), ("cvar", 3.0), ("chi2", 0.1), ("chi2", 1.0),
-               ("chi2", 10.0), ("kl", 0.05), ("kl", 0.7), ("kl", 3.0)]
+KINDS_RADII = [
+    ("tv", 0.05),
+    ("tv", 0.3),
+    ("tv", 0.9),
+    ("cvar", 0.5),
+    ("cvar", 3.0),
+    ("chi2", 0.1),
+    ("chi2", 1.0),
+    ("chi2", 10.0),
+    ("kl", 0.05),
+    ("kl", 0.7),
+    ("kl", 3.0),
+]
 
 
 def worst_case_value(l: np.ndarray, kind: str, rho: float) -> float:
@@ -92,7 +103,9 @@ def test_rho_zero_and_trivial_batches_are_uniform(kind):
     l = torch.rand(9)
     assert torch.equal(common.robust_weights(l, kind, 0.0), torch.full((9,), 1 / 9, dtype=torch.float64))
     assert torch.equal(common.robust_weights(torch.tensor([3.0]), kind, 0.5), torch.ones(1, dtype=torch.float64))
-    assert torch.allclose(common.robust_weights(torch.full((5,), 2.0), kind, 0.5), torch.full((5,), 0.2, dtype=torch.float64))
+    assert torch.allclose(
+        common.robust_weights(torch.full((5,), 2.0), kind, 0.5), torch.full((5,), 0.2, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("kind,rho", [("tv", 1.0), ("cvar", 1e6), ("chi2", 1e6), ("kl", 1e6)])
@@ -130,8 +143,10 @@ def test_bad_input():
         common.robust_weights(torch.rand(2, 2), "kl", 0.1)
 
 
-@pytest.mark.parametrize("argv,message", [(["--rho", "-1"], ">= 0"), (["--kind", "tv", "--rho", "1.5"], "[0, 1]"),
-                                          (["--kind", "foo"], "erm")])
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["--rho", "-1"], ">= 0"), (["--kind", "tv", "--rho", "1.5"], "[0, 1]"), (["--kind", "foo"], "erm")],
+)
 def test_droargs_rejects_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit):
         tyro.cli(common.DROArgs, args=argv)
@@ -140,7 +155,9 @@ def test_droargs_rejects_at_parse_time(argv, message, capsys):
 
 def test_pair_weights_group_by_prompt():
     # two pairs of prompt 7 (mean loss 2) and one of prompt 3 (loss 1): prompt-level weights, split over pairs
-    w, stats = common.robust_prompt_weights(torch.tensor([1.0, 3.0, 1.0]), torch.tensor([7, 7, 3]), common.DROArgs("cvar", 1.0))
+    w, stats = common.robust_prompt_weights(
+        torch.tensor([1.0, 3.0, 1.0]), torch.tensor([7, 7, 3]), common.DROArgs("cvar", 1.0)
+    )
     assert torch.allclose(w, torch.tensor([0.5, 0.5, 0.0]))
     assert stats["dro/robust_loss"] == pytest.approx(2.0) and stats["dro/erm_loss"] == pytest.approx(1.5)
     assert stats["dro/max_weight_x_B"] == pytest.approx(2.0) and stats["dro/ess_fraction"] == pytest.approx(0.5)

@@ -18,13 +18,58 @@ import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {  # a few fast steps, a checkpoint after every one, an evaluation every 2
-    "dro_reward.py": ["--total-steps", "8", "--batch-size", "16", "--max-train-rows", "200", "--max-eval-rows", "16",
-                      "--eval-every", "2", "--save-every", "1"],
-    "dro_dpo.py": ["--total-steps", "8", "--batch-size", "16", "--max-train-rows", "200", "--max-eval-rows", "16",
-                   "--eval-every", "2", "--save-every", "1", "--sft-steps", "2", "--eval-generations", "4",
-                   "--learning-rate", "1e-3", "--warmup-steps", "0"],
-    "dro_ppo.py": ["--total-steps", "8", "--batch-size", "8", "--max-train-rows", "200", "--max-eval-rows", "4",
-                   "--eval-every", "2", "--save-every", "1", "--sft-steps", "2"],
+    "dro_reward.py": [
+        "--total-steps",
+        "8",
+        "--batch-size",
+        "16",
+        "--max-train-rows",
+        "200",
+        "--max-eval-rows",
+        "16",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "1",
+    ],
+    "dro_dpo.py": [
+        "--total-steps",
+        "8",
+        "--batch-size",
+        "16",
+        "--max-train-rows",
+        "200",
+        "--max-eval-rows",
+        "16",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "1",
+        "--sft-steps",
+        "2",
+        "--eval-generations",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--warmup-steps",
+        "0",
+    ],
+    "dro_ppo.py": [
+        "--total-steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--max-train-rows",
+        "200",
+        "--max-eval-rows",
+        "4",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "1",
+        "--sft-steps",
+        "2",
+    ],
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -50,7 +95,9 @@ def weights(out):
 
 def kill_after_checkpoint(script, out, sig, step=3):
     """Start a run and send it `sig` once the checkpoint of `step` exists (before the run ends)."""
-    proc = subprocess.Popen(command(script, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        command(script, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
     deadline = time.time() + 240
     while not os.path.exists(out / "checkpoints" / f"step-{step:08d}" / "COMPLETE") and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -92,7 +139,9 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     state = latest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     proc = run("dro_reward.py", out, "--resume", check=False)
-    assert proc.returncode == 2 and f"checkpoint {latest} cannot be read" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2 and f"checkpoint {latest} cannot be read" in proc.stderr and "Traceback" not in proc.stderr
+    )
     proc = run("dro_dpo.py", out, "--resume", check=False)  # another script's checkpoint
     assert proc.returncode == 2 and "cannot be read" in proc.stderr or "written with script 'dro_reward'" in proc.stderr
 
@@ -116,8 +165,21 @@ def test_output_folder_is_never_clobbered(tmp_path):
 @pytest.mark.parametrize("script", ["dro_reward.py", "dro_dpo.py"])
 def test_nan_in_the_last_update_saves_nothing(tmp_path, script):
     out = tmp_path / "run"
-    proc = run(script, out, "--total-steps", "1", "--warmup-steps", "0", "--learning-rate", "1e9", "--save-every", "0",
-               "--eval-every", "0", check=False)
+    proc = run(
+        script,
+        out,
+        "--total-steps",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--learning-rate",
+        "1e9",
+        "--save-every",
+        "0",
+        "--eval-every",
+        "0",
+        check=False,
+    )
     assert proc.returncode != 0 and "not finite" in proc.stderr and "nothing was saved" in proc.stderr
     assert not os.path.exists(out / "model") and not os.path.exists(out / "args.json")
 
@@ -140,13 +202,34 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_nonfinite_gradient_stops_the_run_or_is_skipped_and_counted(tmp_path):
     script = os.path.join(ROOT, "dro_reward.py")
-    base = [sys.executable, "-c", INJECT_NAN, script, "--total-steps", "3", "--eval-every", "0", "--log-every", "1",
-            "--max-train-rows", "200", "--max-eval-rows", "16"]
-    proc = subprocess.run(base + ["--output-dir", str(tmp_path / "stop")], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    base = [
+        sys.executable,
+        "-c",
+        INJECT_NAN,
+        script,
+        "--total-steps",
+        "3",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+        "--max-train-rows",
+        "200",
+        "--max-eval-rows",
+        "16",
+    ]
+    proc = subprocess.run(
+        base + ["--output-dir", str(tmp_path / "stop")], cwd=ROOT, capture_output=True, text=True, env=ENV
+    )
     assert proc.returncode != 0 and "step 2: the gradient norm is nan" in proc.stderr
     assert not os.path.exists(tmp_path / "stop" / "model")
-    proc = subprocess.run(base + ["--output-dir", str(tmp_path / "skip"), "--skip-nonfinite-steps"], cwd=ROOT,
-                          capture_output=True, text=True, env=ENV)
+    proc = subprocess.run(
+        base + ["--output-dir", str(tmp_path / "skip"), "--skip-nonfinite-steps"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert torch.isfinite(weights(tmp_path / "skip")["score.weight"]).all()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -175,6 +258,7 @@ def test_a_save_killed_at_any_point_leaves_a_complete_model(tmp_path, monkeypatc
             if calls["n"] > fail_at:
                 raise KeyboardInterrupt("killed")
             return real[name](*a, **kw)
+
         return op
 
     for name in real:
@@ -197,14 +281,20 @@ def test_ppo_writes_its_model_with_every_reward_and_eval_combination(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     tok = common.tiny_tokenizer()
-    common.save_atomically(AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1)),
-                           tok, str(tmp_path / "rm"))
+    common.save_atomically(
+        AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1)), tok, str(tmp_path / "rm")
+    )
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"prompt": "What is 2+2?\n", "chosen": "4", "rejected": "5"}) + "\n")
     fast = ["--total-steps", "1", "--save-every", "0", "--eval-every", "0"]
-    for i, (reward, evals) in enumerate([([], []), ([], ["--eval-datasets", str(other), "synthetic"]),
-                                         (["--reward-model-path", str(tmp_path / "rm")], ["--eval-datasets", str(other)]),
-                                         (["--reward-model-path", str(tmp_path / "rm")], [])]):
+    for i, (reward, evals) in enumerate(
+        [
+            ([], []),
+            ([], ["--eval-datasets", str(other), "synthetic"]),
+            (["--reward-model-path", str(tmp_path / "rm")], ["--eval-datasets", str(other)]),
+            (["--reward-model-path", str(tmp_path / "rm")], []),
+        ]
+    ):
         out = tmp_path / f"run{i}"
         dataset = ["--dataset", str(other), "--batch-size", "1", "--sft-steps", "0"] if reward and not evals else []
         run("dro_ppo.py", out, *fast, *reward, *evals, *dataset)

@@ -89,13 +89,17 @@ def test_generate_left_pads_prompts_and_cuts_responses(tok):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(common.tiny_config(tok)).eval()
     prompts = [common.encode_prompt(tok, p) for p in ("copy: ab\n", "reverse: abcdef\n")]
-    config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    ids, mask, responses, response_mask, ended = common.generate(model, prompts, tok.pad_token_id, tok.eos_token_id, config)
+    config = GenerationConfig(
+        max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    ids, mask, responses, response_mask, ended = common.generate(
+        model, prompts, tok.pad_token_id, tok.eos_token_id, config
+    )
     assert responses.shape == (2, 6) and ids.shape[1] == max(map(len, prompts)) + 6
     for i, p in enumerate(prompts):  # greedy, so each row equals its prompt generated alone
         one = common.generate(model, [p], tok.pad_token_id, tok.eos_token_id, config)[2][0]
         assert torch.equal(one, responses[i])
-        assert ids[i, ids.shape[1] - 6 - len(p): ids.shape[1] - 6].tolist() == p
+        assert ids[i, ids.shape[1] - 6 - len(p) : ids.shape[1] - 6].tolist() == p
     assert (mask.sum(1) == torch.tensor([len(p) for p in prompts]) + response_mask.sum(1)).all()
 
 
@@ -109,7 +113,9 @@ def test_kl_k3_never_negative_and_unbiased():
     assert (common.kl_k3(torch.zeros(5), torch.tensor([1e-9, -1e-9, 1e-7, -3e-8, 0.0])) >= 0).all()
     assert common.kl_k3(torch.tensor([-0.5]), torch.tensor([-0.5])).item() == 0.0
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4])  # E_p[exp(d) - 1 - d] = KL(p || q)
-    assert (p * common.kl_k3(p.log(), q.log())).sum().item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
+    assert (p * common.kl_k3(p.log(), q.log())).sum().item() == pytest.approx(
+        (p * (p / q).log()).sum().item(), rel=1e-5
+    )
 
 
 def test_response_ends_with_exactly_one_end_token(tok):
