@@ -30,18 +30,48 @@ DRO_KINDS = ("erm", "tv", "chi2", "kl", "cvar")
 
 @dataclass
 class DROArgs:
-    kind: Literal["erm", "tv", "chi2", "kl", "cvar"] = "chi2"
-    """ambiguity set around the uniform distribution over the prompts of a batch"""
+    kind: Literal["erm", "tv", "chi2", "kl", "cvar", "group"] = "chi2"
+    """ambiguity set around the uniform distribution over the prompts of a batch (group: over the known domains)"""
     rho: float = 0.5
     """radius (tv: total variation in [0, 1]; chi2: (1/2B) sum (Bq-1)^2; kl: KL(q||u); cvar: q_i <= (1+rho)/B)"""
+    group_step: float = 0.01
+    """group only: step size of the exponentiated-gradient update of the domain weights (Sagawa et al. 2020)"""
 
     def __post_init__(self):
-        if self.kind not in DRO_KINDS:
-            raise ValueError(f"--dro.kind must be one of {DRO_KINDS}, got {self.kind!r}")
+        if self.kind not in DRO_KINDS + ("group",):
+            raise ValueError(f"--dro.kind must be one of {DRO_KINDS + ('group',)}, got {self.kind!r}")
         if not math.isfinite(self.rho) or self.rho < 0:
             raise ValueError(f"--dro.rho must be a finite number >= 0, got {self.rho}")
         if self.kind == "tv" and self.rho > 1:
             raise ValueError(f"--dro.rho must be in [0, 1] for --dro.kind tv (a total variation), got {self.rho}")
+        if not math.isfinite(self.group_step) or self.group_step < 0:
+            raise ValueError(f"--dro.group-step must be a finite number >= 0, got {self.group_step}")
+
+
+@dataclass
+class GroupWeights:
+    """Group DRO's state (Sagawa et al. 2020): a weight per known domain, carried from batch to batch."""
+
+    names: list
+    weights: torch.Tensor
+
+    @classmethod
+    def start(cls, dro: DROArgs, domains) -> Optional["GroupWeights"]:
+        """Uniform weights over the domains of the training data for --dro.kind group (None for the other kinds)."""
+        if dro.kind != "group":
+            return None
+        names = sorted(set(domains))
+        if len(names) < 2:
+            raise ArgumentError(
+                f"--dro.kind group needs a `domain` column with at least two domains; the training "
+                f"data has {names} (rows without one are domain 'all')"
+            )
+        return cls(names, torch.full((len(names),), 1.0 / len(names), dtype=torch.float64))
+
+    def update(self, group_losses: torch.Tensor, step: float):
+        """q_g <- q_g exp(step * loss_g), normalised; a domain absent from the batch has loss 0 (Sagawa's code)."""
+        self.weights = self.weights * torch.exp(step * group_losses)
+        self.weights = self.weights / self.weights.sum()
 
 
 def check_args(args, positive: str = "", non_negative: str = ""):
@@ -208,36 +238,54 @@ def _kl(x, at_max, rho, iters=1100):
     return q, scale.item() / beta if beta > 0 else math.inf
 
 
-def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: DROArgs):
+def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: DROArgs, groups=None, domains=None):
     """The worst case over the prompts of the *global* batch, as a weight for each of this process's losses.
 
     `losses` are this process's detached losses (one per pair or rollout), `prompt_ids` the prompt of each. Under
     torch.distributed the losses of all ranks are gathered first, so the worst case is over the whole batch. A
     prompt's loss is the mean of its losses, q* is computed over prompts, and each loss gets q*_prompt / (number
     of losses of that prompt): the weights of all ranks sum to 1. Returns (weights, dict of diagnostics).
+    With --dro.kind group, `groups` (GroupWeights) is updated with the mean prompt loss of each domain (`domains`:
+    the domain of each loss) and each prompt gets its domain's weight / the domain's number of prompts.
     """
     losses = losses.detach().float()
-    all_losses, all_ids, offset = losses, prompt_ids, 0
+    domain_ids = torch.tensor([groups.names.index(d) for d in domains], device=losses.device) if groups else prompt_ids
+    all_losses, all_ids, all_domains, offset = losses, prompt_ids, domain_ids, 0
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         world, rank = dist.get_world_size(), dist.get_rank()
-        gathered_losses = [torch.empty_like(losses) for _ in range(world)]
-        gathered_ids = [torch.empty_like(prompt_ids) for _ in range(world)]
-        dist.all_gather(gathered_losses, losses)
-        dist.all_gather(gathered_ids, prompt_ids)
-        all_losses, all_ids, offset = torch.cat(gathered_losses), torch.cat(gathered_ids), rank * losses.numel()
+        gathered = [[torch.empty_like(t) for _ in range(world)] for t in (losses, prompt_ids, domain_ids)]
+        for out, t in zip(gathered, (losses, prompt_ids, domain_ids)):
+            dist.all_gather(out, t)
+        (all_losses, all_ids, all_domains), offset = [torch.cat(g) for g in gathered], rank * losses.numel()
     _, inverse, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
     prompt_losses = torch.zeros(len(counts), dtype=torch.float64, device=losses.device)
     prompt_losses.index_add_(0, inverse, all_losses.double())
     prompt_losses /= counts
-    q, dual = robust_weights(prompt_losses, dro.kind, dro.rho, return_dual=True)
+    stats = {}
+    if groups is None:
+        q, dual = robust_weights(prompt_losses, dro.kind, dro.rho, return_dual=True)
+    else:  # the EG update on the per-domain mean prompt losses, then each prompt's share of its domain's weight
+        prompt_domain = torch.zeros(len(counts), dtype=torch.long, device=losses.device)
+        prompt_domain[inverse] = all_domains
+        n = torch.bincount(prompt_domain, minlength=len(groups.names)).double()
+        group_losses = torch.zeros(len(groups.names), dtype=torch.float64, device=losses.device)
+        group_losses.index_add_(0, prompt_domain, prompt_losses)
+        group_losses /= n.clamp(min=1)
+        groups.update(group_losses.cpu(), dro.group_step)
+        q, dual = (groups.weights.to(losses.device) / n.clamp(min=1))[prompt_domain], float("nan")
+        for name, w, gl, present in zip(groups.names, groups.weights.tolist(), group_losses.tolist(), n.tolist()):
+            stats[f"dro/group_weight/{name}"] = w
+            stats[f"dro/group_loss/{name}"] = gl if present else float("nan")
     weights = (q / counts)[inverse]
-    stats = {
-        "dro/robust_loss": (q * prompt_losses).sum().item(),
-        "dro/erm_loss": prompt_losses.mean().item(),
-        "dro/max_weight_x_B": q.max().item() * len(q),
-        "dro/ess_fraction": 1.0 / (q.square().sum().item() * len(q)),
-        "dro/dual": dual,
-    }
+    stats.update(
+        {
+            "dro/robust_loss": (q * prompt_losses).sum().item(),
+            "dro/erm_loss": prompt_losses.mean().item(),
+            "dro/max_weight_x_B": q.max().item() * len(q),
+            "dro/ess_fraction": q.sum().item() ** 2 / (q.square().sum().item() * len(q)),
+            "dro/dual": dual,
+        }
+    )
     return weights[offset : offset + losses.numel()].to(losses.dtype), stats
 
 

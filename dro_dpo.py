@@ -266,6 +266,7 @@ if __name__ == "__main__":
     _, train = common.load_pairs(
         args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows, args.max_train_rows
     )
+    groups = common.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
     batches = common.batch_indices(
         len(train["chosen"]), args.batch_size, args.seed
     )  # global batches, epoch after epoch
@@ -319,11 +320,8 @@ if __name__ == "__main__":
     modules, start_step, skipped_steps = {"model": model, "reference": reference}, 0, 0
     if checkpoint:
         state = common.load_checkpoint(checkpoint, modules, optimizer, scheduler, args, rank, world)
-        start_step, skipped_steps, start_results = (
-            state["step"],
-            state["extra"]["skipped_steps"],
-            state["extra"]["start_results"],
-        )
+        start_step, skipped_steps, groups = state["step"], state["extra"]["skipped_steps"], state["extra"]["groups"]
+        start_results = state["extra"]["start_results"]
         for _ in range(start_step):
             next(batches)
     ref_logps = None
@@ -401,7 +399,8 @@ if __name__ == "__main__":
                         ]
                     )
         prompt_ids = torch.tensor([train["prompt_id"][i] for i in mine], device=device)
-        weights, dro_stats = common.robust_prompt_weights(detached, prompt_ids, args.dro)
+        domains = [train["domain"][i] for i in mine]
+        weights, dro_stats = common.robust_prompt_weights(detached, prompt_ids, args.dro, groups, domains)
 
         # ROBUST: 2. Backward of sum_i q*_i l_i (times the world size: DDP averages gradients over processes)
         for j, idx in enumerate(micro_batches):
@@ -449,17 +448,12 @@ if __name__ == "__main__":
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
         if stop.requested() or (args.save_every and step % args.save_every == 0):
-            common.save_checkpoint(
-                output_dir,
-                step,
-                modules,
-                optimizer,
-                scheduler,
-                {"skipped_steps": skipped_steps, "start_results": start_results if rank == 0 else None},
-                args,
-                rank,
-                world,
-            )
+            extra = {
+                "skipped_steps": skipped_steps,
+                "groups": groups,
+                "start_results": start_results if rank == 0 else None,
+            }
+            common.save_checkpoint(output_dir, step, modules, optimizer, scheduler, extra, args, rank, world)
             if stop.signum:
                 stop.exit(output_dir, step)
 

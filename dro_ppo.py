@@ -384,6 +384,7 @@ if __name__ == "__main__":
                 f"{args.dataset}: prompt {no_gold} is not one of the embedded task's, so it has no gold "
                 f"reward: pass --reward-model-path"
             )
+    groups = common.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
     batches = common.batch_indices(
         len(train["ids"]), args.batch_size, args.seed, "prompts"
     )  # global batches, epoch after epoch
@@ -493,7 +494,9 @@ if __name__ == "__main__":
     generation_seconds = update_seconds = 0.0
     if checkpoint:
         state = common.load_checkpoint(checkpoint, modules, optimizer, None, args, rank, world)
-        start_step, (skipped_steps, start_results, generation_seconds, update_seconds) = state["step"], state["extra"]
+        start_step, extra = state["step"], state["extra"]
+        skipped_steps, groups, start_results = extra["skipped_steps"], extra["groups"], extra["start_results"]
+        generation_seconds, update_seconds = extra["generation_seconds"], extra["update_seconds"]
         for _ in range(start_step):
             next(batches)
 
@@ -542,7 +545,8 @@ if __name__ == "__main__":
             # ROBUST: 2. The worst-case prompt weights, from the negated KL-regularised returns grouped by prompt
             #    (or the critic's V(x)), fixed for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO.
             prompt_values = rewards.sum(1) if args.weights_from == "returns" else values[:, 0]
-            weights, dro_stats = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
+            domains = [train["domain"][i] for i in rollout_prompts]
+            weights, dro_stats = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro, groups, domains)
         generation_seconds += time.time() - t0
 
         # 3. PPO epochs over minibatches. ROBUST: each minibatch's weights are scaled by N / M so that uniform
@@ -617,7 +621,13 @@ if __name__ == "__main__":
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
         if stop.requested() or (args.save_every and step % args.save_every == 0):
-            extra = (skipped_steps, start_results if rank == 0 else None, generation_seconds, update_seconds)
+            extra = {
+                "skipped_steps": skipped_steps,
+                "groups": groups,
+                "start_results": start_results if rank == 0 else None,
+                "generation_seconds": generation_seconds,
+                "update_seconds": update_seconds,
+            }
             common.save_checkpoint(output_dir, step, modules, optimizer, None, extra, args, rank, world)
             if stop.signum:
                 stop.exit(output_dir, step)

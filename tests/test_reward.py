@@ -111,27 +111,12 @@ def test_bad_radius_is_rejected_by_the_cli(tmp_path):
     assert proc.returncode != 0 and "[0, 1]" in proc.stderr
 
 
-def test_ddp_and_accumulation_equal_one_big_batch(tmp_path):
+@pytest.mark.parametrize("robust", ["--dro.kind tv --dro.rho 0.3", "--dro.kind group --dro.group-step 1.0"])
+def test_ddp_and_accumulation_equal_one_big_batch(tmp_path, robust):
     """The worst case is over the global batch: 2 processes (gloo) and 4 accumulation steps both give
-    the parameters of one process with one batch of 32, after 3 robust steps."""
-    flags = [
-        "--total-steps",
-        "3",
-        "--batch-size",
-        "32",
-        "--max-train-rows",
-        "128",
-        "--max-eval-rows",
-        "8",
-        "--eval-every",
-        "0",
-        "--dro.kind",
-        "tv",
-        "--dro.rho",
-        "0.3",
-        "--warmup-steps",
-        "0",
-    ]
+    the parameters of one process with one batch of 32, after 3 robust steps (group DRO: the same domain weights)."""
+    flags = "--total-steps 3 --batch-size 32 --max-train-rows 128 --max-eval-rows 8 --eval-every 0 --warmup-steps 0"
+    flags = [*flags.split(), *robust.split()]
     run_script(tmp_path / "one", *flags)
     run_script(tmp_path / "accum", *flags, "--gradient-accumulation-steps", "4")
     run_script(

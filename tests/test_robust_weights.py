@@ -227,3 +227,43 @@ def test_badly_scaled_stress(kind, rho):
 def test_non_finite_radius_is_rejected(kind, rho):
     with pytest.raises(ValueError, match="invalid radius rho="):
         common.robust_weights(torch.rand(4), kind, rho)
+
+
+def test_group_dro_with_one_group_is_erm():
+    losses, prompts = torch.tensor([1.0, 3.0, 0.5, 2.0]), torch.tensor([0, 0, 1, 2])
+    groups = common.GroupWeights(["all"], torch.ones(1, dtype=torch.float64))
+    w, _ = common.robust_prompt_weights(losses, prompts, common.DROArgs("group"), groups, ["all"] * 4)
+    erm, _ = common.robust_prompt_weights(losses, prompts, common.DROArgs("erm"))
+    assert torch.equal(w, erm)
+
+
+def test_group_dro_update_equals_a_straightforward_implementation():
+    """Sagawa et al.'s online group DRO, written plainly: per-domain mean prompt loss (0 for a domain absent from the
+    batch), q_g <- q_g exp(step loss_g) / Z, each prompt gets q_g / (prompts of g in the batch), split over pairs."""
+    rng = np.random.default_rng(5)
+    names, step = ["chat", "reasoning", "safety"], 0.3
+    groups = common.GroupWeights(list(names), torch.full((3,), 1 / 3, dtype=torch.float64))
+    q = {g: 1 / 3 for g in names}
+    for batch in range(4):
+        n = 9
+        prompts = rng.integers(0, 5, size=n)  # pairs of 5 prompts
+        domain_of_prompt = {p: names[rng.integers(0, 3 if batch else 2)] for p in range(5)}  # batch 0 lacks safety
+        domains = [domain_of_prompt[p] for p in prompts]
+        losses = rng.exponential(size=n).astype(np.float32).astype(np.float64)  # the losses are float32
+        w, stats = common.robust_prompt_weights(
+            torch.tensor(losses), torch.tensor(prompts), common.DROArgs("group", 0.0, step), groups, domains
+        )
+        prompt_loss = {p: losses[prompts == p].mean() for p in set(prompts)}
+        for g in names:
+            members = [p for p in prompt_loss if domain_of_prompt[p] == g]
+            q[g] *= math.exp(step * (sum(prompt_loss[p] for p in members) / len(members) if members else 0.0))
+        total = sum(q.values())
+        q = {g: v / total for g, v in q.items()}
+        for i, p in enumerate(prompts):
+            g = domain_of_prompt[p]
+            members = [r for r in prompt_loss if domain_of_prompt[r] == g]
+            expected = q[g] / len(members) / (prompts == p).sum()
+            assert w[i].item() == pytest.approx(expected, rel=1e-6)
+        assert stats["dro/group_weight/chat"] == pytest.approx(q["chat"], rel=1e-12)
+    with pytest.raises(common.ArgumentError, match="at least two domains"):
+        common.GroupWeights.start(common.DROArgs("group"), ["all", "all"])
