@@ -620,7 +620,7 @@ if __name__ == "__main__":
             )
         if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
-        if stop.requested() or (args.save_every and step % args.save_every == 0):
+        if stop.requested() or (args.save_every and step % args.save_every == 0 and step < args.total_steps):
             extra = {
                 "skipped_steps": skipped_steps,
                 "groups": groups,

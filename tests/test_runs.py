@@ -299,3 +299,33 @@ def test_ppo_writes_its_model_with_every_reward_and_eval_combination(tmp_path):
         dataset = ["--dataset", str(other), "--batch-size", "1", "--sft-steps", "0"] if reward and not evals else []
         run("dro_ppo.py", out, *fast, *reward, *evals, *dataset)
         assert os.path.exists(out / "model" / "config.json") and os.path.exists(out / "args.json"), (reward, evals)
+
+
+def test_torchrun_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """2 gloo processes: rank 0 writes the checkpoint, every rank restores its own RNG state."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543"]
+    cmd = lambda out, *extra: [*torchrun, *command("dro_reward.py", out)[1:], *extra]
+    subprocess.run(cmd(tmp_path / "whole"), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(
+        cmd(tmp_path / "killed"),
+        cwd=ROOT,
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while (
+        not os.path.exists(tmp_path / "killed" / "checkpoints" / "step-00000003" / "COMPLETE")
+        and time.time() < deadline
+    ):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait(timeout=60)
+    assert not os.path.exists(tmp_path / "killed" / "model")
+    subprocess.run(
+        cmd(tmp_path / "killed", "--resume"), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300
+    )
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "whole")
+    a, b = weights(tmp_path / "killed"), weights(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)
