@@ -267,9 +267,8 @@ if __name__ == "__main__":
         args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows, args.max_train_rows
     )
     groups = common.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
-    batches = common.batch_indices(
-        len(train["chosen"]), args.batch_size, args.seed
-    )  # global batches, epoch after epoch
+    # global batches, epoch after epoch
+    batches = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed)
     eval_sets = {
         name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
         for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()
@@ -441,7 +440,7 @@ if __name__ == "__main__":
                     "charts/grad_norm": grad_norm.item(),
                     "charts/learning_rate": scheduler.get_last_lr()[0],
                     "charts/skipped_steps": skipped_steps,
-                    "charts/pairs_per_second": step * args.batch_size / (time.time() - start),
+                    "charts/pairs_per_second": (step - start_step) * args.batch_size / (time.time() - start),
                 },
                 step,
             )

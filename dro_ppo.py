@@ -385,9 +385,8 @@ if __name__ == "__main__":
                 f"reward: pass --reward-model-path"
             )
     groups = common.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
-    batches = common.batch_indices(
-        len(train["ids"]), args.batch_size, args.seed, "prompts"
-    )  # global batches, epoch after epoch
+    # global batches, epoch after epoch
+    batches = common.batch_indices(len(train["ids"]), args.batch_size, args.seed, "prompts")
     eval_sets = {
         name: load_prompts(source, split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_eval_rows)
         for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()
