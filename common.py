@@ -1089,8 +1089,22 @@ def find_checkpoint(args, output_dir: str) -> Optional[str]:
     after refusing a folder that holds a previous run unless --resume or --overwrite says what to do with it. A
     resumed run keeps the run id of the run it continues (args.run_id)."""
     checkpoint = _find_checkpoint(args, output_dir)
-    if checkpoint:
-        args.run_id = json.load(open(os.path.join(checkpoint, "COMPLETE")))["run_id"]
+    if checkpoint:  # checked before anything is touched: the sizes of its files and what wrote it
+        meta = json.load(open(os.path.join(checkpoint, "COMPLETE")))
+        for name, size in meta["files"].items():
+            path = os.path.join(checkpoint, name)
+            if not os.path.exists(path) or os.path.getsize(path) != size:
+                raise ArgumentError(
+                    f"checkpoint {checkpoint} cannot be read: {name} is truncated or missing; "
+                    f"resume from another with --resume-from"
+                )
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for key, mine in (("script", args.exp_name), ("world_size", world), ("model", args.model_name_or_path)):
+            if meta[key] != mine:
+                raise ArgumentError(
+                    f"checkpoint {checkpoint} was written with {key} {meta[key]!r}, this run has {mine!r}"
+                )
+        args.run_id = meta["run_id"]
     return checkpoint
 
 
@@ -1252,7 +1266,15 @@ def save_checkpoint(
         }
         torch.save(state, os.path.join(tmp, "state.pt"))
         _fsync(os.path.join(tmp, "state.pt"))
-        write_atomically(os.path.join(tmp, "COMPLETE"), json.dumps({"step": step, "run_id": args.run_id}) + "\n")
+        meta = {
+            "step": step,
+            "run_id": args.run_id,
+            "script": args.exp_name,
+            "world_size": world,
+            "model": args.model_name_or_path,
+            "files": {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)},
+        }
+        write_atomically(os.path.join(tmp, "COMPLETE"), json.dumps(meta) + "\n")
         _fsync(tmp)
         if os.path.exists(folder):  # only when resuming from an older checkpoint than the latest
             os.replace(folder, folder + ".old")

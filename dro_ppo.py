@@ -184,12 +184,12 @@ class Args:
         common.check_args(
             self,
             positive=(
-                "total_steps batch_size samples_per_prompt num_ppo_epochs num_minibatches "
+                "keep_checkpoints total_steps batch_size samples_per_prompt num_ppo_epochs num_minibatches "
                 "learning_rate value_learning_rate max_grad_norm max_new_tokens temperature "
                 "eval_batch_size max_prompt_length max_train_rows max_eval_rows sft_learning_rate "
                 "cliprange cliprange_value gamma"
             ),
-            non_negative=("save_every keep_checkpoints kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps"),
+            non_negative="save_every kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps",
         )
 
 

@@ -137,10 +137,10 @@ class Args:
         common.check_args(
             self,
             positive=(
-                "total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size "
+                "keep_checkpoints total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size "
                 "log_every max_length max_train_rows max_eval_rows max_grad_norm"
             ),
-            non_negative="save_every keep_checkpoints weight_decay warmup_steps eval_every",
+            non_negative="save_every weight_decay warmup_steps eval_every",
         )
 
 

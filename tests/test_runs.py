@@ -132,18 +132,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+def test_truncated_or_foreign_checkpoint_is_a_clear_error_that_touches_nothing(tmp_path):
     out = tmp_path / "run"
-    run("dro_reward.py", out, "--total-steps", "2")
+    run("dro_reward.py", out, "--total-steps", "3")
+    before = (out / "metrics.jsonl").read_text()
+    proc = run("dro_dpo.py", out, "--resume", check=False)  # another script's checkpoint
+    assert proc.returncode == 2 and "was written with script 'dro_reward', this run has 'dro_dpo'" in proc.stderr
     latest = sorted((out / "checkpoints").iterdir())[-1]
     state = latest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     proc = run("dro_reward.py", out, "--resume", check=False)
-    assert (
-        proc.returncode == 2 and f"checkpoint {latest} cannot be read" in proc.stderr and "Traceback" not in proc.stderr
-    )
-    proc = run("dro_dpo.py", out, "--resume", check=False)  # another script's checkpoint
-    assert proc.returncode == 2 and "cannot be read" in proc.stderr or "written with script 'dro_reward'" in proc.stderr
+    assert proc.returncode == 2 and f"checkpoint {latest} cannot be read: state.pt is truncated" in proc.stderr
+    assert "Traceback" not in proc.stderr and (out / "metrics.jsonl").read_text() == before
 
 
 def test_output_folder_is_never_clobbered(tmp_path):
@@ -329,3 +329,53 @@ def test_torchrun_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert metrics(tmp_path / "killed") == metrics(tmp_path / "whole")
     a, b = weights(tmp_path / "killed"), weights(tmp_path / "whole")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fail_at", range(0, 12, 2))
+def test_a_checkpoint_save_killed_at_any_point_leaves_a_complete_checkpoint(tmp_path, monkeypatch, fail_at):
+    """save_checkpoint with a failure injected before its k-th file operation: --resume still finds a complete
+    checkpoint (the previous one), which loads."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = SimpleNamespace(
+        exp_name="t",
+        model_name_or_path=None,
+        run_id="r",
+        keep_checkpoints=2,
+        resume=True,
+        resume_from=None,
+        overwrite=False,
+    )
+    common.save_checkpoint(str(tmp_path), 1, {"model": model}, optimizer, None, {}, args)
+    calls, real = {"n": 0}, {name: getattr(os, name) for name in ("replace", "fsync")}
+
+    def failing(name):
+        def op(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] > fail_at:
+                raise KeyboardInterrupt("killed")
+            return real[name](*a, **kw)
+
+        return op
+
+    for name in real:
+        monkeypatch.setattr(os, name, failing(name))
+    try:
+        common.save_checkpoint(str(tmp_path), 2, {"model": model}, optimizer, None, {}, args)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    found = common.find_checkpoint(args, str(tmp_path))
+    assert found.endswith(("step-00000001", "step-00000002"))
+    assert common.load_checkpoint(found, {"model": model}, optimizer, None, args)["step"] in (1, 2)
+
+
+@pytest.mark.parametrize("script", ["dro_reward.py", "dro_dpo.py"])
+def test_a_local_dataset_with_no_eval_set_reports_and_saves(tmp_path, script):
+    data = tmp_path / "data.jsonl"
+    rows = common.synthetic_preferences(40, common.TRAIN_MIXTURE, seed=0)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(script, tmp_path / "run", "--dataset", str(data), "--total-steps", "2", "--save-every", "0")
+    assert os.path.exists(tmp_path / "run" / "model" / "config.json") and os.path.exists(tmp_path / "run" / "args.json")
