@@ -13,7 +13,7 @@ responses each. For prompt i, R_i is the mean over its K rollouts of the KL-regu
 weights q = common.robust_weights(-R_i) put more weight on the prompts on which the policy currently
 does worst; they are computed once per rollout batch (detached) and held fixed through its PPO epochs.
 (--weights-from values uses the critic's V(x_i) instead: the realised returns of the same rollouts whose
-advantages drive the update upweight the unlucky ones; see the README for what each measured.)
+advantages drive the update upweight the unlucky ones; docs/results.md has what each measured.)
 Which losses are weighted: only the policy surrogate. Each rollout's clipped PPO surrogate is averaged
 over its response tokens and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts), i.e. each
 rollout gets q_i / K. The value loss stays a plain mean over all response tokens (it fits V^pi, which
@@ -23,7 +23,7 @@ so the expected minibatch loss is the full-batch robust loss. Under torchrun eac
 share of the rollout prompts; the worst case (the returns are all-gathered) and the advantage whitening are
 over the global rollout batch.
 
-The tiny default model is first warm-started by a few hundred steps of supervised fine-tuning on the
+The tiny default model is first warm-started by 1000 steps of supervised fine-tuning on the
 chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that
 warm-started model is the reference policy, and the step-0 evaluation measures it.
 

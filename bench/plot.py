@@ -1,0 +1,106 @@
+"""Draw the README's figures from the runs bench/sweep.py writes (runs/sweep_<script>/<kind><rho>_s<seed>_n<steps>).
+
+    python bench/plot.py                 # docs/ood_domains.png and docs/worst_vs_steps.png
+
+1. ood_domains.png: per-domain OOD metric at the end of training, ERM against each robust setting, mean ± std over
+   seeds, one panel per script (reward model: accuracy; DPO and PPO: gold reward of sampled responses).
+2. worst_vs_steps.png: the worst-domain OOD metric against training steps for ERM and the default robust setting
+   (does robust training learn the worst domain faster, or end somewhere else?), mean ± std over seeds.
+
+Only the runs present are drawn; a setting needs at least one seed. Needs matplotlib (requirements-bench.txt).
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# script: (runs folder, metric, budget in its own steps, y-axis label)
+PANELS = {
+    "dro_reward.py": ("sweep_dro_reward", "accuracy", 1000, "accuracy (%)"),
+    "dro_dpo.py": ("sweep_dro_dpo", "gold_reward", 600, "gold reward (x 100)"),
+    "dro_ppo.py": ("sweep_dro_ppo", "gold_reward", 60, "gold reward (x 100)"),
+}
+LABELS = {"erm:0": "ERM", "chi2:0.5": "chi2 0.5 (default)", "group:0": "group DRO"}
+COLORS = {"erm:0": "tab:gray", "chi2:0.5": "tab:blue", "group:0": "tab:orange"}
+
+
+def load_runs(folder: str, steps: int, split: str) -> dict:
+    """{"kind:rho": [one {step: metrics line} per seed]} for the runs of `folder` with the given budget."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(folder, f"*_s*_n{steps}", "metrics.jsonl"))):
+        match = re.fullmatch(r"([a-z0-9]+?)([0-9.]+)_s(\d+)_n\d+", os.path.basename(os.path.dirname(path)))
+        if not match or not os.path.exists(os.path.join(os.path.dirname(path), "args.json")):
+            continue  # not a sweep run, or one that did not finish
+        lines = [json.loads(line) for line in open(path)]
+        curve = {r["step"]: r for r in lines if r.get("split") == split}
+        runs.setdefault(f"{match[1]}:{match[2]}", []).append(curve)
+    return runs
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def ood_domains(runs_dir: str, split: str, out: str):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (script, (folder, metric, steps, ylabel)) in zip(axes, PANELS.items()):
+        runs = load_runs(os.path.join(runs_dir, folder), steps, split)
+        ax.set_title(f"{script}: {split}, {steps} steps")
+        if not runs:
+            ax.text(0.5, 0.5, "no runs", ha="center", transform=ax.transAxes)
+            continue
+        settings = [s for s in LABELS if s in runs] + sorted(s for s in runs if s not in LABELS)
+        final = {s: [curve[max(curve)] for curve in runs[s]] for s in settings}
+        domains = sorted(final[settings[0]][0][f"domain_{metric}"]) + ["worst"]
+        width = 0.8 / len(settings)
+        for k, s in enumerate(settings):
+            per_seed = [[100 * r[f"domain_{metric}"][d] for d in domains[:-1]] for r in final[s]]
+            per_seed = [v + [min(v)] for v in per_seed]  # the worst domain of each seed
+            stats = [mean_std([v[j] for v in per_seed]) for j in range(len(domains))]
+            xs = [j + (k - (len(settings) - 1) / 2) * width for j in range(len(domains))]
+            label = f"{LABELS.get(s, s)} ({len(per_seed)} seeds)"
+            ax.bar(xs, [m for m, _ in stats], width, yerr=[e for _, e in stats], label=label, color=COLORS.get(s))
+        ax.set_xticks(range(len(domains)), domains)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def worst_vs_steps(runs_dir: str, split: str, out: str, settings=("erm:0", "chi2:0.5")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    for ax, (script, (folder, metric, steps, ylabel)) in zip(axes, PANELS.items()):
+        runs = load_runs(os.path.join(runs_dir, folder), steps, split)
+        ax.set_title(f"{script}: worst domain on {split}")
+        for s in (s for s in settings if s in runs):
+            xs = sorted(set.intersection(*(set(curve) for curve in runs[s])))
+            stats = [mean_std([100 * curve[x][f"worst_domain_{metric}"] for curve in runs[s]]) for x in xs]
+            ax.plot(xs, [m for m, _ in stats], marker="o", label=f"{LABELS[s]} ({len(runs[s])} seeds)", color=COLORS[s])
+            ax.fill_between(xs, [m - e for m, e in stats], [m + e for m, e in stats], alpha=0.2, color=COLORS[s])
+        ax.set_xlabel("training step" if script != "dro_ppo.py" else "PPO iteration")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="the folder bench/sweep.py writes to")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where the PNGs go")
+    p.add_argument("--split", default="test_uniform", help="the out-of-distribution split to draw")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    ood_domains(a.runs, a.split, os.path.join(a.out, "ood_domains.png"))
+    worst_vs_steps(a.runs, a.split, os.path.join(a.out, "worst_vs_steps.png"))
