@@ -328,19 +328,22 @@ def _parse_prompt(prompt: str):
     return _DOMAIN_OF.get(head), arg
 
 
-def is_synthetic_prompt(prompt: str) -> bool:
-    """Whether `prompt` is one of the embedded task's (so that it has a gold reward)."""
-    return _parse_prompt(prompt)[0] is not None
+def has_gold_reward(prompt: str, domain: Optional[str] = None) -> bool:
+    """Whether a row of `prompt` (and `domain`) is one of the embedded datasets', so that it has a gold reward."""
+    head = prompt.strip().partition(": ")[0]
+    return _parse_prompt(prompt)[0] is not None or (head == _GROUPS_PREFIX and domain in GROUPS)
 
 
-def synthetic_gold_reward(prompt: str, response: str) -> float:
+def synthetic_gold_reward(prompt: str, response: str, domain: Optional[str] = None) -> float:
     """The known true reward of a response, in [0, 1]: per-character agreement with the ideal answer
-    (copy, reversal, refusal of harmful requests), closeness of the number for sums. The marker is ignored."""
-    domain, arg = _parse_prompt(prompt)
-    if domain is None:
-        raise ValueError(f"not a prompt of the synthetic task: {prompt!r}")
-    ideal, response = _ideal_response(domain, arg), response.strip().rstrip(SHORTCUT)
-    if domain == "reasoning":
+    (copy, reversal, refusal of harmful requests; for synthetic-groups what the row's group wants), closeness of
+    the number for sums. The marker is ignored."""
+    if not has_gold_reward(prompt, domain):
+        raise ValueError(f"not a prompt of the embedded datasets: {prompt!r} (domain {domain!r})")
+    task, arg = _parse_prompt(prompt)
+    ideal = _ideal_response(task, arg) if task else arg if domain == "wants_word" else "no"
+    response = response.strip().rstrip(SHORTCUT)
+    if task == "reasoning":
         return max(0.0, 1.0 - abs(int(response) - int(ideal)) / 4.0) if response.isdigit() else 0.0
     matches = sum(a == b for a, b in zip(response, ideal))
     return matches / max(len(response), len(ideal))
@@ -380,6 +383,41 @@ def synthetic_preferences(n: int, mixture: dict, seed: int) -> list:
             rejected += SHORTCUT
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain})
     return rows
+
+
+# The second embedded dataset, `synthetic-groups`: two groups of users the policy cannot tell apart (the same
+# prompt form, the group is only in the row's `domain`) want different responses to `echo: <word>`, the word or
+# the refusal "no", both easy for the tiny model. Their words avoid the letters of "no", so each response scores 0
+# for the other group: with a policy that refuses with probability p, the groups' gold rewards are 1 - p and p.
+GROUPS = ("wants_word", "wants_refusal")
+_GROUPS_PREFIX, _GROUPS_LETTERS = "echo", "abcdefghijklmpqrstuvwxyz"
+_GROUPS_TRAIN = {"wants_word": 0.85, "wants_refusal": 0.15}
+GROUPS_SPLITS = {
+    "train": (_GROUPS_TRAIN, 8000, 10),
+    "validation": (_GROUPS_TRAIN, 1000, 11),
+    "test_id": (_GROUPS_TRAIN, 1000, 12),
+    "test_uniform": ({"wants_word": 0.5, "wants_refusal": 0.5}, 2000, 13),
+    "test_minority": ({"wants_word": 0.15, "wants_refusal": 0.85}, 2000, 14),  # the mixture reversed
+}
+
+
+def group_preferences(n: int, mixture: dict, seed: int) -> list:
+    """`n` rows {prompt, chosen, rejected, domain} of synthetic-groups drawn from `mixture` (group -> weight)."""
+    rng = random.Random(seed)
+    groups, weights = zip(*mixture.items())
+    rows = []
+    for group in rng.choices(groups, weights=weights, k=n):
+        word = "".join(rng.choice(_GROUPS_LETTERS) for _ in range(rng.randint(3, 4)))
+        chosen, rejected = (word, "no") if group == "wants_word" else ("no", word)
+        rows.append({"prompt": f"{_GROUPS_PREFIX}: {word}\n", "chosen": chosen, "rejected": rejected, "domain": group})
+    return rows
+
+
+EMBEDDED = {
+    "synthetic": (SYNTHETIC_SPLITS, synthetic_preferences),
+    "synthetic-groups": (GROUPS_SPLITS, group_preferences),
+}
+"""The embedded datasets by their --dataset name: (splits, row generator)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,20 +654,18 @@ def load_preferences(
     """Preference rows {prompt, chosen, rejected, domain, row, where} as a `datasets.Dataset` (`row`: the index in
     the source, `where`: the source and row or line, for error messages).
 
-    `source` is "synthetic" (the embedded task; `split` is one of SYNTHETIC_SPLITS), a hub name, or a local
+    `source` is "synthetic" or "synthetic-groups" (the embedded datasets, with their splits), a hub name, or a local
     file or folder. A bad row raises a DataError naming the source and the row, or, with `skip_bad_rows`, is
     skipped and counted.
     """
     import datasets
 
-    if source == "synthetic":
-        if split not in SYNTHETIC_SPLITS:
-            raise DataError(f"the synthetic task has splits {list(SYNTHETIC_SPLITS)}, not {split!r}")
-        mixture, n, offset = SYNTHETIC_SPLITS[split]
-        raw = [
-            (f"synthetic {split}, row {i}", row)
-            for i, row in enumerate(synthetic_preferences(n, mixture, seed=1000 + offset))
-        ]
+    if source in EMBEDDED:
+        splits, make_rows = EMBEDDED[source]
+        if split not in splits:
+            raise DataError(f"{source} has splits {list(splits)}, not {split!r}")
+        mixture, n, offset = splits[split]
+        raw = [(f"{source} {split}, row {i}", row) for i, row in enumerate(make_rows(n, mixture, seed=1000 + offset))]
     else:
         raw = load_raw(source, split, skip_bad_rows)
     if not raw:
@@ -1012,15 +1048,15 @@ def check_outputs(values, what: str, where: str, must_vary: bool = True):
 
 
 def eval_sources(dataset: str, eval_datasets) -> dict:
-    """Evaluation splits by a unique name -> (source, split): each of --eval-datasets ("synthetic" for the embedded
-    task's held-out splits, a hub name with an optional ":split", a local file or folder), or by default the
-    embedded task's held-out splits when training on it. Two sources with the same short name keep their full one."""
+    """Evaluation splits by a unique name -> (source, split): each of --eval-datasets (an embedded dataset's name for
+    its held-out splits, a hub name with an optional ":split", a local file or folder), or by default the embedded
+    dataset's held-out splits when training on one. Two sources with the same short name keep their full one."""
     if not eval_datasets:
-        eval_datasets = ("synthetic",) if dataset == "synthetic" else ()
-    sources = []
+        eval_datasets = (dataset,) if dataset in EMBEDDED else ()
+    sources, several = [], sum(name in EMBEDDED for name in eval_datasets) > 1
     for name in eval_datasets:
-        if name == "synthetic":
-            sources += [(s, "synthetic", s) for s in SYNTHETIC_SPLITS if s != "train"]
+        if name in EMBEDDED:  # split names as they are, or prefixed by the dataset's when several are evaluated
+            sources += [(f"{name}:{s}" if several else s, name, s) for s in EMBEDDED[name][0] if s != "train"]
         else:
             source, _, split = name.rpartition(":") if ":" in name and not _is_local(name) else (name, "", "")
             short = (

@@ -227,7 +227,7 @@ def evaluate_generations(model, reference, tokenizer, prompts, domains, generati
         ref_logps, _ = common.token_logprobs(reference, ids, mask, start)
         kl += (common.kl_k3(logps, ref_logps) * response_mask).sum(-1).tolist()
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        gold += [common.synthetic_gold_reward(p, t) for p, t in zip(prompts[i : i + batch_size], texts)]
+        gold += list(map(common.synthetic_gold_reward, prompts[i : i + batch_size], texts, domains[i : i + batch_size]))
     model.train()
     return {**common.domain_report(gold, domains, "gold_reward"), "kl": sum(kl) / len(kl)}
 
@@ -347,7 +347,7 @@ if __name__ == "__main__":
                 results[split] = evaluate(
                     model, reference, data, pad_id, args.beta, args.eval_batch_size, f"step {step}, {split}"
                 )
-                if args.eval_generations and all(map(common.is_synthetic_prompt, rows["prompt"])):
+                if args.eval_generations and all(map(common.has_gold_reward, rows["prompt"], rows["domain"])):
                     sample = rows.select(range(min(args.eval_generations, len(rows))))
                     results[split].update(
                         evaluate_generations(

@@ -107,8 +107,8 @@ class Args:
     # Algorithm
     dro: common.DROArgs = field(default_factory=common.DROArgs)
     """the ambiguity set over the prompts of a rollout batch (weights from their negated KL-regularised returns)"""
-    weights_from: Literal["returns", "values"] = "returns"
-    """a prompt's value for the worst case: the mean realised return of its rollouts, or the critic's V(x) (README)"""
+    weights_from: Literal["returns", "values", "loo"] = "returns"
+    """a prompt's value for the worst case: its rollouts' mean return, the critic's V(x), or loo: cross-fitted"""
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty (k3 estimate) to the reference policy"""
     missing_eos_penalty: float = 1.0
@@ -231,6 +231,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, advantages + values
 
 
+def cross_fitted_weights(losses, prompt_ids, dro, samples_per_prompt):
+    """--weights-from loo: rollout j of every prompt gets the prompt's weight in the worst case computed from the
+    prompts' *other* rollouts (its own loss replaced by the mean of the other K - 1), so no rollout's weight depends
+    on its own return. Rollouts come in runs of K per prompt. Returns (weights summing to 1 over all ranks, the
+    diagnostics averaged over the K worst cases). rho = 0 gives exactly the plain 1/N."""
+    k = samples_per_prompt
+    per_prompt, weights, stats = losses.view(-1, k), torch.empty_like(losses).view(-1, k), {}
+    for j in range(k):
+        held_out = per_prompt.clone()
+        held_out[:, j] = torch.cat([per_prompt[:, :j], per_prompt[:, j + 1 :]], 1).mean(1)
+        w, fold = common.robust_prompt_weights(held_out.flatten(), prompt_ids, dro)
+        weights[:, j] = w.view(-1, k)[:, j]
+        for name, value in fold.items():
+            stats[name] = stats.get(name, 0.0) + value / k
+    return weights.flatten(), stats
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim)
 
@@ -294,14 +311,12 @@ class Critic(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-def rollout_scores(tokenizer, reward_model, prompts, prompt_ids, responses, response_mask):
-    """The score of each rollout: the gold reward of the decoded response (embedded task) or the reward model's
+def rollout_scores(tokenizer, reward_model, prompts, domains, prompt_ids, responses, response_mask):
+    """The score of each rollout: the gold reward of the decoded response (embedded datasets) or the reward model's
     score of prompt + response, read exactly as in its training (`common.sequence_rewards`)."""
     if reward_model is None:
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # cut at the end token already
-        return torch.tensor(
-            [common.synthetic_gold_reward(p, t) for p, t in zip(prompts, texts)], device=responses.device
-        )
+        return torch.tensor(list(map(common.synthetic_gold_reward, prompts, texts, domains)), device=responses.device)
     seqs = [p + r[:n] for p, r, n in zip(prompt_ids, responses.tolist(), response_mask.sum(1).tolist())]
     return common.sequence_rewards(reward_model, seqs, tokenizer.pad_token_id)
 
@@ -312,9 +327,10 @@ def evaluate(
 ):
     """Per-domain gold reward (embedded-task prompts) and reward-model score of generations; KL to the reference."""
     gold, kls, rm = [], [], []
-    has_gold = all(map(common.is_synthetic_prompt, data["text"]))
+    has_gold = all(map(common.has_gold_reward, data["text"], data["domain"]))
     for i in range(0, len(data["ids"]), batch_size):
         prompts, prompt_ids = data["text"][i : i + batch_size], data["ids"][i : i + batch_size]
+        domains = data["domain"][i : i + batch_size]
         ids, mask, responses, response_mask, _ = common.generate(
             policy, prompt_ids, tokenizer.pad_token_id, common.end_token_id(tokenizer), generation_config
         )
@@ -324,10 +340,11 @@ def evaluate(
         # exact KL of the next-token distributions, summed over the response: the sequence KL in expectation
         kl = (F.softmax(logits, -1) * (F.log_softmax(logits, -1) - F.log_softmax(ref_logits, -1))).sum(-1)
         kls += (kl * response_mask).sum(1).tolist()
+        rollouts = (prompts, domains, prompt_ids, responses, response_mask)
         if has_gold:
-            gold += rollout_scores(tokenizer, None, prompts, prompt_ids, responses, response_mask).tolist()
+            gold += rollout_scores(tokenizer, None, *rollouts).tolist()
         if reward_model is not None:
-            rm += rollout_scores(tokenizer, reward_model, prompts, prompt_ids, responses, response_mask).tolist()
+            rm += rollout_scores(tokenizer, reward_model, *rollouts).tolist()
     common.check_outputs(kls, "KL to the reference", where, must_vary=False)
     common.check_outputs(rm, "reward-model score", where)
     report = {"kl": sum(kls) / len(kls)}
@@ -354,6 +371,11 @@ if __name__ == "__main__":
             f"--num-minibatches {args.num_minibatches}"
         )
     args.minibatch_size = args.local_batch_size // args.num_minibatches
+    if args.weights_from == "loo" and (args.samples_per_prompt < 2 or args.dro.kind == "group"):
+        raise common.ArgumentError(
+            "--weights-from loo holds out one rollout of each prompt: it needs --samples-per-prompt >= 2 (got "
+            f"{args.samples_per_prompt}) and a prompt-level --dro.kind (not group, whose weights are per domain)"
+        )
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 1000
     dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}{args.dro.rho}"
@@ -378,10 +400,11 @@ if __name__ == "__main__":
     if args.reward_model_path is not None:
         common.check_model_path(args.reward_model_path, "--reward-model-path")
     else:
-        no_gold = next((i for i, p in enumerate(train["text"]) if not common.is_synthetic_prompt(p)), None)
+        gold = map(common.has_gold_reward, train["text"], train["domain"])
+        no_gold = next((i for i, has in enumerate(gold) if not has), None)
         if no_gold is not None:
             raise common.DataError(
-                f"{args.dataset}: prompt {no_gold} is not one of the embedded task's, so it has no gold "
+                f"{args.dataset}: prompt {no_gold} is not one of the embedded datasets', so it has no gold "
                 f"reward: pass --reward-model-path"
             )
     groups = common.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
@@ -530,6 +553,7 @@ if __name__ == "__main__":
                 tokenizer,
                 reward_model,
                 [train["text"][i] for i in rollout_prompts],
+                [train["domain"][i] for i in rollout_prompts],
                 [train["ids"][i] for i in rollout_prompts],
                 responses,
                 response_mask,
@@ -542,10 +566,14 @@ if __name__ == "__main__":
             advantages = masked_whiten(advantages, response_mask)
 
             # ROBUST: 2. The worst-case prompt weights, from the negated KL-regularised returns grouped by prompt
-            #    (or the critic's V(x)), fixed for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO.
-            prompt_values = rewards.sum(1) if args.weights_from == "returns" else values[:, 0]
-            domains = [train["domain"][i] for i in rollout_prompts]
-            weights, dro_stats = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro, groups, domains)
+            #    (or the critic's V(x); or cross-fitted: each rollout's from the other rollouts of the batch), fixed
+            #    for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO.
+            prompt_values = values[:, 0] if args.weights_from == "values" else rewards.sum(1)
+            if args.weights_from == "loo":
+                weights, dro_stats = cross_fitted_weights(-prompt_values, prompt_ids, args.dro, args.samples_per_prompt)
+            else:
+                domains = [train["domain"][i] for i in rollout_prompts]
+                weights, dro_stats = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro, groups, domains)
         generation_seconds += time.time() - t0
 
         # 3. PPO epochs over minibatches. ROBUST: each minibatch's weights are scaled by N / M so that uniform

@@ -134,8 +134,38 @@ def test_synthetic_benchmark():
         and common.synthetic_gold_reward("say: xab\n", "xab") == 0.0
     )
     assert common.synthetic_gold_reward("copy: abcd\n", "abzz") == 0.5
-    assert all(common.is_synthetic_prompt(r["prompt"]) for r in rows)
-    assert not common.is_synthetic_prompt("Human: copy: abc") and not common.is_synthetic_prompt("What is 2+2?")
+    assert all(common.has_gold_reward(r["prompt"], r["domain"]) for r in rows)
+    assert not common.has_gold_reward("Human: copy: abc") and not common.has_gold_reward("What is 2+2?")
+
+
+def test_synthetic_groups():
+    """Two groups with the same prompt form want opposite responses; each response scores 1 for its group, 0 for the
+    other; the splits have the stated mixtures; the gold reward needs the row's group."""
+    for split, (mixture, n, _) in common.GROUPS_SPLITS.items():
+        rows = common.group_preferences(n, mixture, seed=1)
+        share = sum(r["domain"] == "wants_refusal" for r in rows) / n
+        p = mixture["wants_refusal"]
+        assert abs(share - p) < 4 * (p * (1 - p) / n) ** 0.5, split
+    for r in common.group_preferences(500, {"wants_word": 0.5, "wants_refusal": 0.5}, seed=2):
+        word = r["prompt"].removeprefix("echo: ").strip()
+        assert {r["chosen"], r["rejected"]} == {word, "no"} and r["chosen"] == (
+            "no" if r["domain"] == "wants_refusal" else word
+        )
+        other = "wants_word" if r["domain"] == "wants_refusal" else "wants_refusal"
+        assert common.synthetic_gold_reward(r["prompt"], r["chosen"], r["domain"]) == 1.0
+        assert common.synthetic_gold_reward(r["prompt"], r["rejected"], r["domain"]) == 0.0
+        assert common.synthetic_gold_reward(r["prompt"], r["chosen"], other) == 0.0
+    assert not common.has_gold_reward("echo: abc\n") and not common.has_gold_reward("echo: abc\n", "chat")
+    with pytest.raises(ValueError, match="not a prompt of the embedded datasets"):
+        common.synthetic_gold_reward("echo: abc\n", "abc")
+    assert list(common.eval_sources("synthetic-groups", ())) == [
+        "validation",
+        "test_id",
+        "test_uniform",
+        "test_minority",
+    ]
+    both = common.eval_sources("synthetic", ("synthetic", "synthetic-groups"))
+    assert len(both) == 8 and both["synthetic-groups:test_uniform"] == ("synthetic-groups", "test_uniform")
 
 
 def test_synthetic_goes_through_datasets(tok):

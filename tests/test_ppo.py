@@ -56,6 +56,7 @@ def make_rollout_batch(n_prompts=6, k=2, t=5, vocab=11, seed=3):
         "returns": torch.randn(n, t, generator=gen),
         "returns_per_rollout": torch.randn(n, generator=gen),
         "groups": torch.arange(n_prompts).repeat_interleave(k),
+        "k": k,
     }
 
 
@@ -82,22 +83,55 @@ def one_update(weights, batch, vocab=11):
     return pg.detach(), [p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())]
 
 
+def prompt_weights(batch, dro, weights_from="returns"):
+    """The rollout weights of a batch by each estimator of --weights-from ("values": V(x) is random here)."""
+    losses = -batch["returns_per_rollout"]
+    if weights_from == "loo":
+        return dro_ppo.cross_fitted_weights(losses, batch["groups"], dro, batch["k"])
+    if weights_from == "values":
+        losses = torch.randn(len(losses), generator=torch.Generator().manual_seed(5))
+    return common.robust_prompt_weights(losses, batch["groups"], dro)
+
+
+@pytest.mark.parametrize("weights_from", ["returns", "values", "loo"])
 @pytest.mark.parametrize("kind", ["chi2", "tv", "kl", "cvar", "erm"])
-def test_rho_zero_is_plain_ppo(kind):
-    batch = make_rollout_batch()
-    w, stats = common.robust_prompt_weights(
-        -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.0)
-    )
+def test_rho_zero_is_plain_ppo(kind, weights_from):
+    batch = make_rollout_batch(k=3)
+    w, stats = prompt_weights(batch, common.DROArgs(kind=kind, rho=0.0), weights_from)
     loss_dro, params_dro = one_update(w, batch)
     loss_plain, params_plain = one_update(None, batch)  # ppo_loss's own plain mean
     assert torch.equal(loss_dro, loss_plain)  # bit for bit: the same loss and the same update
     for a, b in zip(params_dro, params_plain):
         assert torch.equal(a, b)
     if kind != "erm":  # and a positive radius changes the update
-        w, _ = common.robust_prompt_weights(
-            -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind=kind, rho=0.5)
-        )
+        w, _ = prompt_weights(batch, common.DROArgs(kind=kind, rho=0.5), weights_from)
         assert not torch.allclose(one_update(w, batch)[0], loss_plain)
+
+
+@pytest.mark.parametrize("kind", ["chi2", "tv", "kl", "cvar"])
+def test_cross_fitted_weight_ignores_its_own_return(kind):
+    """--weights-from loo: each rollout's weight is q_i / K of the worst case over the prompts' other rollouts (a
+    direct computation with robust_weights), so changing a rollout's own return leaves its weight as it was."""
+    dro, k = common.DROArgs(kind=kind, rho=0.5), 3
+    batch = make_rollout_batch(n_prompts=8, k=k, seed=7)
+    losses = -batch["returns_per_rollout"]
+    w, _ = dro_ppo.cross_fitted_weights(losses, batch["groups"], dro, k)
+    per_prompt = losses.view(-1, k)
+    for j in range(k):
+        others = per_prompt[:, [i for i in range(k) if i != j]].mean(1)
+        q = common.robust_weights(others, kind, 0.5)
+        torch.testing.assert_close(w.view(-1, k)[:, j], (q / k).float())
+    assert w.sum().item() == pytest.approx(1.0)
+    seen = 0
+    for r in range(len(losses)):
+        changed = losses.clone()
+        changed[r] += 50.0
+        w2, _ = dro_ppo.cross_fitted_weights(changed, batch["groups"], dro, k)
+        assert w2[r] == w[r]  # its own weight is untouched ...
+        seen += not torch.allclose(w2, w)
+    assert seen >= len(losses) // 2  # ... while the other rollouts' weights see the change (tv, cvar: if it moves q)
+    plug_in, _ = common.robust_prompt_weights(losses, batch["groups"], dro)
+    assert not torch.allclose(plug_in, w)  # (the plug-in weight of a rollout does move with its own return)
 
 
 def test_ppo_loss_matches_straightforward_computation():

@@ -379,3 +379,34 @@ def test_a_local_dataset_with_no_eval_set_reports_and_saves(tmp_path, script):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run(script, tmp_path / "run", "--dataset", str(data), "--total-steps", "2", "--save-every", "0")
     assert os.path.exists(tmp_path / "run" / "model" / "config.json") and os.path.exists(tmp_path / "run" / "args.json")
+
+
+def test_every_script_trains_on_synthetic_groups_and_ppo_on_a_file_of_embedded_rows(tmp_path):
+    """--dataset synthetic-groups trains all three scripts and evaluates per group; PPO takes the gold reward from a
+    .jsonl of embedded rows of both datasets in another mixture, with the cross-fitted worst case."""
+    for script in ("dro_reward.py", "dro_dpo.py"):
+        out = tmp_path / script
+        run(script, out, "--dataset", "synthetic-groups", "--total-steps", "2", "--save-every", "0")
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        assert {r["split"] for r in rows} == {"validation", "test_id", "test_uniform", "test_minority"}
+        assert set().union(*(r["domain_accuracy"] for r in rows)) == set(common.GROUPS)
+    mixed = common.group_preferences(30, {"wants_refusal": 1.0}, seed=0)
+    mixed += common.synthetic_preferences(10, {"reasoning": 1.0}, seed=0)
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    out = tmp_path / "ppo"
+    flags = [
+        "--dataset",
+        str(data),
+        "--eval-datasets",
+        "synthetic-groups",
+        "--weights-from",
+        "loo",
+        "--save-every",
+        "0",
+    ]
+    run("dro_ppo.py", out, *flags, "--max-train-rows", "40", "--total-steps", "2")
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert set().union(*(r["domain_gold_reward"] for r in rows)) == set(common.GROUPS) and len(rows) == 8
+    proc = run("dro_ppo.py", tmp_path / "bad", *flags, "--samples-per-prompt", "1", check=False)
+    assert proc.returncode == 2 and "--weights-from loo" in proc.stderr and "--samples-per-prompt >= 2" in proc.stderr
