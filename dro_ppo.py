@@ -12,16 +12,18 @@ responses each. For prompt i, R_i is the mean over its K rollouts of the KL-regu
 (the score minus beta times the per-token KL estimates summed over the response). The worst-case
 weights q = common.robust_weights(-R_i) put more weight on the prompts on which the policy currently
 does worst; they are computed once per rollout batch (detached) and held fixed through its PPO epochs.
-(--weights-from values uses the critic's V(x_i) instead: the realised returns of the same rollouts whose
-advantages drive the update upweight the unlucky ones; docs/results.md has what each measured.)
-Which losses are weighted: only the policy surrogate. Each rollout's clipped PPO surrogate is averaged
-over its response tokens and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts), i.e. each
-rollout gets q_i / K. The value loss stays a plain mean over all response tokens (it fits V^pi, which
-does not depend on q). rho = 0 (or --dro.kind erm) gives uniform weights: exactly plain PPO. Minibatches
-draw rollouts of the batch at random; their weights are scaled by N/M (rollouts per batch / per minibatch),
-so the expected minibatch loss is the full-batch robust loss. Under torchrun each process generates for its
-share of the rollout prompts; the worst case (the returns are all-gathered) and the advantage whitening are
-over the global rollout batch.
+(--weights-from values takes the critic's V(x_i) instead: the realised returns of the same rollouts whose
+advantages drive the update upweight the unlucky ones, and V(x_i) cannot see what the prompt does not show;
+--weights-from loo weights each rollout by the worst case over the *other* rollouts of the prompts, which sees
+the realised rewards without that bias. docs/results.md has what each measured.)
+Which losses are weighted: only the policy surrogate. Each rollout's clipped PPO surrogate is summed over its
+response tokens and divided by the constant --max-new-tokens (a per-rollout token mean would favour short
+responses), and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts): each rollout gets q_i / K. The
+value loss stays a plain mean over all response tokens (it fits V^pi, which does not depend on q). rho = 0 (or
+--dro.kind erm) gives uniform weights: exactly plain PPO. Minibatches draw rollouts of the batch at random; their
+weights are scaled by N/M (rollouts per batch / per minibatch), so the expected minibatch loss is the full-batch
+robust loss. Under torchrun each process generates for its share of the rollout prompts; the worst case (the
+returns are all-gathered) and the advantage whitening are over the global rollout batch.
 
 The tiny default model is first warm-started by 1000 steps of supervised fine-tuning on the
 chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that
@@ -273,17 +275,20 @@ def ppo_loss(
     weights=None,
     cliprange=0.2,
     cliprange_value=0.2,
+    max_tokens=None,
 ):
     """Clipped PPO losses from per-token tensors [N, T] of N rollouts.
 
-    policy loss = sum_j weights_j * (clipped surrogate of rollout j averaged over its response tokens);
-    weights=None is the plain mean (1/N each): plain PPO. The value loss is a plain token mean.
+    policy loss = sum_j weights_j * (clipped surrogate of rollout j summed over its response tokens) / max_tokens
+    (default T): the sequence-level policy gradient, divided by a constant. Averaging each rollout over its own
+    length instead would weight short responses up and bias the objective towards them. weights=None is the plain
+    mean (1/N each): plain PPO. The value loss is a plain token mean.
     """
     if weights is None:
         weights = torch.full((logprobs.shape[0],), 1.0 / logprobs.shape[0], device=logprobs.device)
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
-    pg_loss = (weights * masked_mean(surrogate, mask, dim=1)).sum()
+    pg_loss = (weights * (surrogate * mask).sum(1)).sum() / (max_tokens or mask.shape[1])
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
     stats = {
@@ -598,6 +603,7 @@ if __name__ == "__main__":
                     weights[mb] * world * args.local_batch_size / len(mb),
                     args.cliprange,
                     args.cliprange_value,
+                    args.max_new_tokens,
                 )
                 loss = pg_loss + args.vf_coef * vf_loss
                 if not torch.isfinite(loss) and not args.skip_nonfinite_steps:

@@ -167,7 +167,7 @@ def test_ppo_loss_matches_straightforward_computation():
                 vc = v0 + min(max(v - v0, -0.2), 0.2)
                 vf_sum += 0.5 * max((v - ret) ** 2, (vc - ret) ** 2)
                 tokens += 1
-        exp_pg += w[i].item() * sum(per) / len(per)
+        exp_pg += w[i].item() * sum(per) / t  # summed over the rollout's tokens, over a constant (not its length)
     assert pg.item() == pytest.approx(exp_pg, rel=1e-5)
     assert vf.item() == pytest.approx(vf_sum / tokens, rel=1e-5)
 

@@ -1,0 +1,134 @@
+"""The max-min policy of robust PPO on --dataset synthetic-groups in closed form, against the measured runs.
+
+    python bench/groups_theory.py                                   # the theory table (beta 0.05, p_ref 0.15)
+    python bench/groups_theory.py --runs runs/sweep_dro_ppo_groups  # and the runs of bench/sweep.py beside it
+
+The policy cannot tell the groups apart, so it refuses every prompt with the same probability p; the majority group
+(85% of the training prompts) wants the word (gold reward c (1 - p), c: how often the policy copies it right), the
+minority group wants the refusal (gold reward p). With the KL penalty beta to the reference (refusal probability
+p_ref), the objective of a prompt distribution with minority mass q is maximised by the policy
+
+    p(q) = sigmoid(logit(p_ref) + (q - (1 - q) c) / beta)
+
+(the KL-regularised optimum of two response classes). The worst case over the ball Q_rho around the training
+distribution puts the largest mass q_max(rho) it can on the minority group while the policy serves it worse, so
+the max-min policy is p* = min(p(q_max), c / (1 + c)): it refuses more than the reference as soon as
+q_max > c / (1 + c), and it equalises the two groups (worst-group gold c / (1 + c)) once p(q_max) reaches that
+point. q_max for the minority share m = 0.15:
+
+    chi2 (1/2) E_P[(dQ/dP - 1)^2] <= rho:  m + sqrt(2 rho m (1 - m))
+    kl   KL(Q || P) <= rho:                 the q with KL((q, 1 - q) || (m, 1 - m)) = rho
+    tv   (1/2) sum |Q - P| <= rho:           m + rho
+    cvar dQ/dP <= 1 + rho:                  (1 + rho) m
+
+ERM (q = m) drives p to sigmoid(logit(p_ref) - (1 - m (1 + c)) / beta), about 0.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import statistics
+
+MINORITY = 0.15  # the minority group's share of the training prompts (common._GROUPS_TRAIN)
+
+
+def q_max(kind: str, rho: float, m: float = MINORITY) -> float:
+    if kind == "erm" or rho == 0:
+        return m
+    if kind == "chi2":
+        return min(1.0, m + math.sqrt(2 * rho * m * (1 - m)))
+    if kind == "tv":
+        return min(1.0, m + rho)
+    if kind == "cvar":
+        return min(1.0, (1 + rho) * m)
+    if kind == "kl":  # KL((q, 1-q) || (m, 1-m)) increases in q on [m, 1]: bisection
+        kl = lambda q: q * math.log(q / m) + (1 - q) * math.log((1 - q) / (1 - m)) if q < 1 else math.log(1 / m)
+        if kl(1.0) <= rho:
+            return 1.0
+        lo, hi = m, 1.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if kl(mid) < rho else (lo, mid)
+        return lo
+    raise ValueError(kind)
+
+
+def max_min_policy(q: float, p_ref: float, beta: float, c: float) -> float:
+    """The refusal probability of the max-min policy when the worst case gives the minority mass q."""
+    z = math.log(p_ref / (1 - p_ref)) + (q - (1 - q) * c) / beta
+    return min(1 / (1 + math.exp(-z)) if z > -700 else 0.0, c / (1 + c))
+
+
+def threshold(kind: str, target: float) -> float:
+    """The smallest radius whose q_max reaches `target` (bisection on rho)."""
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if q_max(kind, mid) < target else (lo, mid)
+    return hi
+
+
+def measured(folder: str, split: str):
+    """{setting: [(p_ref, c, p, worst-group gold) per seed]} from the runs' step-0 and final evaluations."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*_s*_n*", "metrics.jsonl"))):
+        name = os.path.basename(os.path.dirname(path))
+        match = re.fullmatch(r"([a-z0-9]+?)([0-9.]+)_s(\d+)_n\d+", name)
+        if not match or not os.path.exists(os.path.join(os.path.dirname(path), "args.json")):
+            continue
+        rows = [json.loads(line) for line in open(path) if json.loads(line)["split"] == split]
+        first, last = min(rows, key=lambda r: r["step"]), max(rows, key=lambda r: r["step"])
+        p_ref, p = first["domain_gold_reward"]["wants_refusal"], last["domain_gold_reward"]["wants_refusal"]
+        c = first["domain_gold_reward"]["wants_word"] / max(1e-9, 1 - p_ref)
+        out.setdefault(f"{match[1]}:{match[2]}", []).append((p_ref, c, p, last["worst_domain_gold_reward"]))
+    return out
+
+
+def fmt(values, pct=100.0):
+    return f"{pct * statistics.mean(values):.1f}" + (
+        f" ± {pct * statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    )
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--beta", type=float, default=0.05, help="--kl-coef of the runs")
+    p.add_argument("--p-ref", type=float, default=0.15, help="the reference's refusal probability")
+    p.add_argument("--c", type=float, default=1.0, help="how often the policy copies the word right")
+    p.add_argument("--settings", nargs="+", default=["erm:0", "chi2:0.25", "chi2:0.5", "chi2:1", "kl:0.5", "tv:0.5"])
+    p.add_argument("--runs", nargs="*", default=[], help="sweep folders (one per estimator) to compare with")
+    p.add_argument("--split", default="test_uniform")
+    a = p.parse_args()
+    equal = a.c / (1 + a.c)
+    print(f"minority share {MINORITY}, beta {a.beta}, p_ref {a.p_ref}, c {a.c}: groups equal at p = {equal:.3f}")
+    logit = lambda x: math.log(x / (1 - x))
+    q_equalise = (a.c + a.beta * (logit(equal) - logit(a.p_ref))) / (1 + a.c)  # p(q) = c / (1 + c)
+    for kind in ("chi2", "kl", "tv", "cvar"):
+        start, full = threshold(kind, equal), threshold(kind, q_equalise)
+        print(f"{kind}: refuses more than the reference above rho = {start:.3f}, equalises the groups above {full:.3f}")
+    print("\n| setting | worst-case minority mass | predicted p* (x 100) | predicted worst-group gold (x 100) |")
+    print("|---|---|---|---|")
+    for s in a.settings:
+        kind, rho = s.split(":")[0], float(s.split(":")[1])
+        q = q_max(kind, rho)
+        pstar = max_min_policy(q, a.p_ref, a.beta, a.c)
+        print(f"| {s} | {q:.3f} | {100 * pstar:.1f} | {100 * min(pstar, a.c * (1 - pstar)):.1f} |")
+    for folder in a.runs:
+        runs = measured(folder, a.split)
+        print(f"\n{folder}, {a.split} (seeds as found): the prediction from each seed's own reference (p_ref, c)")
+        print("| setting | p_ref | p measured | p* predicted | worst-group gold measured | predicted |")
+        print("|---|---|---|---|---|---|")
+        for s in [s for s in a.settings if s in runs] + sorted(set(runs) - set(a.settings)):
+            kind, rho = s.split(":")[0], float(s.split(":")[1])
+            pred = [max_min_policy(q_max(kind, rho), pr, a.beta, c) for pr, c, _, _ in runs[s]]
+            cells = [
+                fmt([r[0] for r in runs[s]]),
+                fmt([r[2] for r in runs[s]]),
+                fmt(pred),
+                fmt([r[3] for r in runs[s]]),
+                fmt([min(ps, c * (1 - ps)) for ps, (_, c, _, _) in zip(pred, runs[s])]),
+            ]
+            print(f"| {s} | " + " | ".join(cells) + " |")
