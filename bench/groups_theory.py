@@ -22,6 +22,11 @@ point. q_max for the minority share m = 0.15:
     cvar dQ/dP <= 1 + rho:                  (1 + rho) m
 
 ERM (q = m) drives p to sigmoid(logit(p_ref) - (1 - m (1 + c)) / beta), about 0.
+
+That is the population worst case, over the prompts' *expected* rewards. The scripts compute it on a minibatch of
+B prompts from K sampled rewards each, which attenuates it: `--fixed-points` simulates the expected update
+direction of the refusal logit (the REINFORCE gradient of the weighted rewards plus the KL term) under each
+estimator's weights, and prints where it changes sign: the refusal probability each estimator can settle at.
 """
 
 import argparse
@@ -31,6 +36,13 @@ import math
 import os
 import re
 import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import dro_ppo  # noqa: E402
 
 MINORITY = 0.15  # the minority group's share of the training prompts (common._GROUPS_TRAIN)
 
@@ -71,6 +83,35 @@ def threshold(kind: str, target: float) -> float:
     return hi
 
 
+def update_direction(p, kind, rho, estimator, k, prompts, p_ref, beta, c, batches=150, seed=0):
+    """Expected gradient of the weighted objective with respect to the refusal logit at refusal probability p, when
+    every rollout's reward is its group's (1 or 0 for a refusal, c or 0 for the word) and the weights come from
+    `estimator` ("returns", "loo", or "erm") over `prompts` prompts x `k` samples; plus the KL term."""
+    gen, dro = torch.Generator().manual_seed(seed), common.DROArgs(kind=kind, rho=rho)
+    ids, total = torch.arange(prompts).repeat_interleave(k), 0.0
+    for _ in range(batches):
+        minority = (torch.rand(prompts, generator=gen) < MINORITY).repeat_interleave(k)
+        refuse = torch.rand(prompts * k, generator=gen) < p
+        reward = torch.where(minority, refuse.float(), (~refuse).float() * c)
+        if estimator == "loo":
+            w, _ = dro_ppo.cross_fitted_weights(-reward, ids, dro, k)
+        elif estimator == "returns":
+            w, _ = common.robust_prompt_weights(-reward, ids, dro)
+        else:
+            w = torch.full((prompts * k,), 1.0 / (prompts * k))
+        score = torch.where(refuse, torch.tensor(1 - p), torch.tensor(-p))  # d log pi(y) / d logit
+        total += (w * (reward - reward.mean()) * score).sum().item()
+    logit = lambda x: math.log(x / (1 - x))
+    return total / batches - beta * (logit(p) - logit(p_ref)) * p * (1 - p)
+
+
+def fixed_point(kind, rho, estimator, k, prompts, p_ref, beta, c):
+    """The refusal probability where the expected update changes sign from up to down (0 if it only goes down)."""
+    grid = [0.005 * 1.25**i for i in range(21)]  # 0.005 .. 0.43
+    signs = [update_direction(p, kind, rho, estimator, k, prompts, p_ref, beta, c) > 0 for p in grid]
+    return next((p for p, up, nxt in zip(grid, signs, signs[1:]) if up and not nxt), 0.0 if not signs[0] else grid[-1])
+
+
 def measured(folder: str, split: str):
     """{setting: [(p_ref, c, p, worst-group gold) per seed]} from the runs' step-0 and final evaluations."""
     out = {}
@@ -100,6 +141,9 @@ if __name__ == "__main__":
     p.add_argument("--c", type=float, default=1.0, help="how often the policy copies the word right")
     p.add_argument("--settings", nargs="+", default=["erm:0", "chi2:0.25", "chi2:0.5", "chi2:1", "kl:0.5", "tv:0.5"])
     p.add_argument("--runs", nargs="*", default=[], help="sweep folders (one per estimator) to compare with")
+    p.add_argument("--fixed-points", action="store_true", help="simulate where each estimator settles")
+    p.add_argument("--samples-per-prompt", type=int, default=8, help="K of the runs")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per rollout batch of the runs")
     p.add_argument("--split", default="test_uniform")
     a = p.parse_args()
     equal = a.c / (1 + a.c)
@@ -132,3 +176,13 @@ if __name__ == "__main__":
                 fmt([min(ps, c * (1 - ps)) for ps, (_, c, _, _) in zip(pred, runs[s])]),
             ]
             print(f"| {s} | " + " | ".join(cells) + " |")
+    if a.fixed_points:
+        k, prompts = a.samples_per_prompt, a.batch_size
+        print(f"\nwhere each estimator settles ({prompts} prompts x {k} samples, p_ref {a.p_ref}, c {a.c}):")
+        print("| setting | population p* | returns | loo |")
+        print("|---|---|---|---|")
+        for s in a.settings:
+            kind, rho = s.split(":")[0], float(s.split(":")[1])
+            pstar = max_min_policy(q_max(kind, rho), a.p_ref, a.beta, a.c)
+            cells = [fixed_point(kind, rho, e, k, prompts, a.p_ref, a.beta, a.c) for e in ("returns", "loo")]
+            print(f"| {s} | {100 * pstar:.1f} | " + " | ".join(f"{100 * x:.1f}" for x in cells) + " |")
