@@ -1,7 +1,7 @@
 """The max-min policy of robust PPO on --dataset synthetic-groups in closed form, against the measured runs.
 
     python bench/groups_theory.py                                   # the theory table (beta 0.05, p_ref 0.15)
-    python bench/groups_theory.py --runs runs/sweep_dro_ppo_groups  # and the runs of bench/sweep.py beside it
+    python bench/groups_theory.py --fixed-points --runs runs/sweep_dro_ppo_groups_{returns,loo,values}  # the runs
 
 The policy cannot tell the groups apart, so it refuses every prompt with the same probability p; the majority group
 (85% of the training prompts) wants the word (gold reward c (1 - p), c: how often the policy copies it right), the
@@ -48,6 +48,8 @@ MINORITY = 0.15  # the minority group's share of the training prompts (common._G
 
 
 def q_max(kind: str, rho: float, m: float = MINORITY) -> float:
+    if kind == "group":  # group DRO: any mixture of the groups (its weights are not held near the training one)
+        return 1.0
     if kind == "erm" or rho == 0:
         return m
     if kind == "chi2":
@@ -106,7 +108,10 @@ def update_direction(p, kind, rho, estimator, k, prompts, p_ref, beta, c, batche
 
 
 def fixed_point(kind, rho, estimator, k, prompts, p_ref, beta, c):
-    """The refusal probability where the expected update changes sign from up to down (0 if it only goes down)."""
+    """The refusal probability where the expected update changes sign from up to down (0 if it only goes down).
+    Group DRO's weights are over the known groups, with no sampling noise to attenuate them: its p*."""
+    if kind == "group":
+        return max_min_policy(1.0, p_ref, beta, c)
     grid = [0.005 * 1.25**i for i in range(21)]  # 0.005 .. 0.43
     signs = [update_direction(p, kind, rho, estimator, k, prompts, p_ref, beta, c) > 0 for p in grid]
     return next((p for p, up, nxt in zip(grid, signs, signs[1:]) if up and not nxt), 0.0 if not signs[0] else grid[-1])
@@ -117,7 +122,7 @@ def measured(folder: str, split: str):
     out = {}
     for path in sorted(glob.glob(os.path.join(folder, "*_s*_n*", "metrics.jsonl"))):
         name = os.path.basename(os.path.dirname(path))
-        match = re.fullmatch(r"([a-z0-9]+?)([0-9.]+)_s(\d+)_n\d+", name)
+        match = re.fullmatch(r"(erm|tv|chi2|kl|cvar|group)([0-9.]+)_s(\d+)_n\d+", name)
         if not match or not os.path.exists(os.path.join(os.path.dirname(path), "args.json")):
             continue
         rows = [json.loads(line) for line in open(path) if json.loads(line)["split"] == split]
@@ -163,15 +168,25 @@ if __name__ == "__main__":
     for folder in a.runs:
         runs = measured(folder, a.split)
         print(f"\n{folder}, {a.split} (seeds as found): the prediction from each seed's own reference (p_ref, c)")
-        print("| setting | p_ref | p measured | p* predicted | worst-group gold measured | predicted |")
-        print("|---|---|---|---|---|---|")
+        # the weights' estimator, from the folder's name: the critic's V(x) cannot see the group, so "values" weights
+        # carry no information about it and settle where ERM does
+        estimator = "loo" if "loo" in folder else "erm" if "values" in folder else "returns"
+        print(
+            "| setting | p_ref | p measured | p* predicted | where the estimator settles "
+            "| worst-group gold measured | predicted |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for s in [s for s in a.settings if s in runs] + sorted(set(runs) - set(a.settings)):
             kind, rho = s.split(":")[0], float(s.split(":")[1])
             pred = [max_min_policy(q_max(kind, rho), pr, a.beta, c) for pr, c, _, _ in runs[s]]
+            p_ref, c = statistics.mean(r[0] for r in runs[s]), statistics.mean(r[1] for r in runs[s])
+            k, prompts = a.samples_per_prompt, a.batch_size
+            settles = fixed_point(kind, rho, "erm" if kind == "erm" else estimator, k, prompts, p_ref, a.beta, c)
             cells = [
                 fmt([r[0] for r in runs[s]]),
                 fmt([r[2] for r in runs[s]]),
                 fmt(pred),
+                f"{100 * settles:.1f}",
                 fmt([r[3] for r in runs[s]]),
                 fmt([min(ps, c * (1 - ps)) for ps, (_, c, _, _) in zip(pred, runs[s])]),
             ]

@@ -37,7 +37,9 @@ def load_runs(folder: str, steps: int, split: str) -> dict:
     """{"kind:rho": [one {step: metrics line} per seed]} for the runs of `folder` with the given budget."""
     runs = {}
     for path in sorted(glob.glob(os.path.join(folder, f"*_s*_n{steps}", "metrics.jsonl"))):
-        match = re.fullmatch(r"([a-z0-9]+?)([0-9.]+)_s(\d+)_n\d+", os.path.basename(os.path.dirname(path)))
+        match = re.fullmatch(
+            r"(erm|tv|chi2|kl|cvar|group)([0-9.]+)_s(\d+)_n\d+", os.path.basename(os.path.dirname(path))
+        )
         if not match or not os.path.exists(os.path.join(os.path.dirname(path), "args.json")):
             continue  # not a sweep run, or one that did not finish
         lines = [json.loads(line) for line in open(path)]
@@ -89,7 +91,10 @@ def worst_vs_steps(runs_dir: str, split: str, out: str, settings=("erm:0", "chi2
             ax.fill_between(xs, [m - e for m, e in stats], [m + e for m, e in stats], alpha=0.2, color=COLORS[s])
         ax.set_xlabel("training step" if script != "dro_ppo.py" else "PPO iteration")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no runs", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")

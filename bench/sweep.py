@@ -69,6 +69,7 @@ if __name__ == "__main__":
     p.add_argument("--metric", default="accuracy")
     p.add_argument("--splits", nargs="+", default=["validation", "test_uniform"])
     p.add_argument("--tag", default="", help="suffix of the runs folder: give one per set of --extra flags")
+    p.add_argument("--scalar", default="", help="also print the mean over training of this TensorBoard scalar")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the script")
     a = p.parse_args()
     jobs = [(s.split(":")[0], s.split(":")[1], seed) for s in a.settings for seed in a.seeds]
@@ -88,3 +89,16 @@ if __name__ == "__main__":
             kl = f" {fmt([r['kl'] for r in rs], pct=1.0)} |" if has_kl else ""
             worst = fmt([r[f"worst_domain_{m}"] for r in rs])
             print(f"| {s} | " + " | ".join(cells) + f" | {fmt(means)} | {worst} |" + kl)
+    if a.scalar:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        folder = f"sweep_{os.path.basename(a.script)[:-3]}" + (f"_{a.tag}" if a.tag else "")
+        print(f"\n{a.scalar}, mean over the {a.steps} steps of each run, mean ± std over seeds")
+        for s in a.settings:
+            means = []
+            for kind, rho, seed in (j for j in jobs if f"{j[0]}:{j[1]}" == s):
+                events = EventAccumulator(os.path.join(ROOT, "runs", folder, f"{kind}{rho}_s{seed}_n{a.steps}"))
+                events.Reload()
+                means.append(statistics.mean(e.value for e in events.Scalars(a.scalar)))
+            spread = f" ± {statistics.stdev(means):.3f}" if len(means) > 1 else ""
+            print(f"| {s} | {statistics.mean(means):.3f}{spread} |")
