@@ -294,3 +294,17 @@ def test_smoke_run_with_reward_model(tmp_path):
     for r in rows:
         assert {"gold_reward", "kl", "reward_model_score", "domain_reward_model_score", "reward_gap"} <= r.keys()
         assert r["reward_gap"] == pytest.approx(r["reward_model_score"] - r["gold_reward"])
+
+
+@pytest.mark.parametrize("kind", ["chi2", "kl", "tv", "cvar"])
+def test_groups_theory_worst_case_is_the_scripts(kind):
+    """bench/groups_theory.py's closed-form worst-case minority mass q_max equals what common.robust_weights puts on
+    a batch whose 15% minority prompts have the larger loss (the population worst case of synthetic-groups)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import groups_theory
+
+    losses = torch.tensor([1.0] * 15 + [0.0] * 85, dtype=torch.float64)
+    for rho in (0.05, 0.25, 0.5, 1.0, 3.0):
+        rho = min(rho, 1.0) if kind == "tv" else rho  # a total variation is at most 1
+        q = common.robust_weights(losses, kind, rho)
+        assert q[:15].sum().item() == pytest.approx(groups_theory.q_max(kind, rho), abs=1e-6)
