@@ -1,11 +1,13 @@
 """Draw the README's figures from the runs bench/sweep.py writes (runs/sweep_<script>/<kind><rho>_s<seed>_n<steps>).
 
-    python bench/plot.py                 # docs/ood_domains.png and docs/worst_vs_steps.png
+    python bench/plot.py                 # docs/ood_domains.png, docs/worst_vs_steps.png, docs/groups_refusals.png
 
 1. ood_domains.png: per-domain OOD metric at the end of training, ERM against each robust setting, mean ± std over
    seeds, one panel per script (reward model: accuracy; DPO and PPO: gold reward of sampled responses).
 2. worst_vs_steps.png: the worst-domain OOD metric against training steps for ERM and the default robust setting
    (does robust training learn the worst domain faster, or end somewhere else?), mean ± std over seeds.
+3. groups_refusals.png: on --dataset synthetic-groups, the minority group's gold reward against PPO iterations for
+   plain PPO and each --weights-from estimator above the radius where theory says robust PPO must hedge.
 
 Only the runs present are drawn; a setting needs at least one seed. Needs matplotlib (requirements-bench.txt).
 """
@@ -53,7 +55,7 @@ def mean_std(values):
 
 
 def ood_domains(runs_dir: str, split: str, out: str):
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for ax, (script, (folder, metric, steps, ylabel)) in zip(axes, PANELS.items()):
         runs = load_runs(os.path.join(runs_dir, folder), steps, split)
         ax.set_title(f"{script}: {split}, {steps} steps")
@@ -73,7 +75,7 @@ def ood_domains(runs_dir: str, split: str, out: str):
             ax.bar(xs, [m for m, _ in stats], width, yerr=[e for _, e in stats], label=label, color=COLORS.get(s))
         ax.set_xticks(range(len(domains)), domains)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
@@ -100,6 +102,31 @@ def worst_vs_steps(runs_dir: str, split: str, out: str, settings=("erm:0", "chi2
     print(f"wrote {out}")
 
 
+def groups_refusals(runs_dir: str, split: str, out: str, rho: str = "2"):
+    """synthetic-groups: the minority group's gold reward (the refusal probability) against PPO iterations, plain
+    PPO and each estimator at chi2 `rho`, with the population max-min policy (bench/groups_theory.py)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lines = {"plain PPO": ("groups_returns", "erm:0", "tab:gray")}
+    for estimator, color in (("returns", "tab:blue"), ("loo", "tab:green"), ("values", "tab:purple")):
+        lines[f"chi2 {rho}, --weights-from {estimator}"] = (f"groups_{estimator}", f"chi2:{rho}", color)
+    for label, (tag, setting, color) in lines.items():
+        runs = load_runs(os.path.join(runs_dir, f"sweep_dro_ppo_{tag}"), 60, split).get(setting)
+        if not runs:
+            continue
+        xs = sorted(set.intersection(*(set(curve) for curve in runs)))
+        stats = [mean_std([100 * c[x]["domain_gold_reward"]["wants_refusal"] for c in runs]) for x in xs]
+        ax.plot(xs, [m for m, _ in stats], marker="o", color=color, label=f"{label} ({len(runs)} seeds)")
+        ax.fill_between(xs, [m - e for m, e in stats], [m + e for m, e in stats], alpha=0.15, color=color)
+    ax.axhline(48.0, ls="--", color="k", lw=1, label="max-min policy, population (chi2 rho >= 0.59)")
+    ax.set_xlabel("PPO iteration")
+    ax.set_ylabel("minority (refusal) gold reward (x 100)")
+    ax.set_title(f"synthetic-groups, {split}: does robust PPO hedge?")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="the folder bench/sweep.py writes to")
@@ -109,3 +136,4 @@ if __name__ == "__main__":
     os.makedirs(a.out, exist_ok=True)
     ood_domains(a.runs, a.split, os.path.join(a.out, "ood_domains.png"))
     worst_vs_steps(a.runs, a.split, os.path.join(a.out, "worst_vs_steps.png"))
+    groups_refusals(a.runs, a.split, os.path.join(a.out, "groups_refusals.png"))
