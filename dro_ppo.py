@@ -12,10 +12,10 @@ responses each. For prompt i, R_i is the mean over its K rollouts of the KL-regu
 (the score minus beta times the per-token KL estimates summed over the response). The worst-case
 weights q = common.robust_weights(-R_i) put more weight on the prompts on which the policy currently
 does worst; they are computed once per rollout batch (detached) and held fixed through its PPO epochs.
-(--weights-from values takes the critic's V(x_i) instead: the realised returns of the same rollouts whose
-advantages drive the update upweight the unlucky ones, and V(x_i) cannot see what the prompt does not show;
---weights-from loo weights each rollout by the worst case over the *other* rollouts of the prompts, which sees
-the realised rewards without that bias. docs/results.md has what each measured.)
+By default (--weights-from loo) rollout j of prompt i is weighted by the worst case computed with R_i replaced
+by the mean of the prompt's *other* rollouts: the realised returns of the very rollouts the weights multiply
+(--weights-from returns) upweight the unlucky ones, and the critic's V(x_i) (--weights-from values) cannot
+see what the prompt does not show. docs/results.md has what each measured and how the default was chosen.
 Which losses are weighted: only the policy surrogate. Each rollout's clipped PPO surrogate is summed over its
 response tokens and divided by the constant --max-new-tokens (a per-rollout token mean would favour short
 responses), and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts): each rollout gets q_i / K. The
@@ -29,7 +29,7 @@ The tiny default model is first warm-started by 1000 steps of supervised fine-tu
 chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that
 warm-started model is the reference policy, and the step-0 evaluation measures it.
 
-    python dro_ppo.py                                    # embedded task, gold reward, chi2 rho = 0.5
+    python dro_ppo.py                                    # embedded task, gold reward, chi2 rho = 2, loo
     python dro_ppo.py --dro.kind erm                     # the plain PPO baseline
     python dro_ppo.py --reward-model-path runs/<reward run>/model   # a reward model from dro_reward.py
 """
@@ -107,10 +107,10 @@ class Args:
     """peak learning rate of the warm start (cosine decay to 0)"""
 
     # Algorithm
-    dro: common.DROArgs = field(default_factory=common.DROArgs)
-    """the ambiguity set over the prompts of a rollout batch (weights from their negated KL-regularised returns)"""
-    weights_from: Literal["returns", "values", "loo"] = "returns"
-    """a prompt's value for the worst case: its rollouts' mean return, the critic's V(x), or loo: cross-fitted"""
+    dro: common.DROArgs = field(default_factory=lambda: common.DROArgs(kind="chi2", rho=2.0))
+    """the ambiguity set over the prompts of a rollout batch (chi2 2 and loo: chosen on validation, docs/results.md)"""
+    weights_from: Literal["returns", "values", "loo"] = "loo"
+    """a prompt's value for the worst case: its other rollouts' returns (loo), its own (returns), the critic's V(x)"""
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty (k3 estimate) to the reference policy"""
     missing_eos_penalty: float = 1.0
@@ -376,10 +376,10 @@ if __name__ == "__main__":
             f"--num-minibatches {args.num_minibatches}"
         )
     args.minibatch_size = args.local_batch_size // args.num_minibatches
-    if args.weights_from == "loo" and (args.samples_per_prompt < 2 or args.dro.kind == "group"):
+    if args.weights_from == "loo" and args.samples_per_prompt < 2 and args.dro.kind != "group":
         raise common.ArgumentError(
             "--weights-from loo holds out one rollout of each prompt: it needs --samples-per-prompt >= 2 (got "
-            f"{args.samples_per_prompt}) and a prompt-level --dro.kind (not group, whose weights are per domain)"
+            f"{args.samples_per_prompt}); or pass --weights-from returns"
         )
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 1000
@@ -574,7 +574,7 @@ if __name__ == "__main__":
             #    (or the critic's V(x); or cross-fitted: each rollout's from the other rollouts of the batch), fixed
             #    for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO.
             prompt_values = values[:, 0] if args.weights_from == "values" else rewards.sum(1)
-            if args.weights_from == "loo":
+            if args.weights_from == "loo" and groups is None:  # (group DRO: a domain's mean over many prompts)
                 weights, dro_stats = cross_fitted_weights(-prompt_values, prompt_ids, args.dro, args.samples_per_prompt)
             else:
                 domains = [train["domain"][i] for i in rollout_prompts]

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
 import common  # noqa: E402
 import dro_ppo  # noqa: E402
-from dro_ppo import gae, masked_mean, masked_whiten, ppo_loss, rollout_scores  # noqa: E402
+from dro_ppo import cross_fitted_weights, gae, masked_mean, masked_whiten, ppo_loss, rollout_scores  # noqa: E402
 
 DEVICE = torch.device("cpu")
 
@@ -76,6 +76,7 @@ def iteration(s, train, mine, args, tok, generation_config):
             tok,
             None,
             [train["text"][i] for i in rollout_prompts],
+            [train["domain"][i] for i in rollout_prompts],
             [train["ids"][i] for i in rollout_prompts],
             responses,
             response_mask,
@@ -89,8 +90,11 @@ def iteration(s, train, mine, args, tok, generation_config):
         t1 = time.perf_counter()
 
         # 2. The worst-case prompt weights (ROBUST), fixed for all PPO epochs on this batch
-        prompt_values = rewards.sum(1) if args.weights_from == "returns" else values[:, 0]
-        weights, _ = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
+        prompt_values = values[:, 0] if args.weights_from == "values" else rewards.sum(1)
+        if args.weights_from == "loo":
+            weights, _ = cross_fitted_weights(-prompt_values, prompt_ids, args.dro, args.samples_per_prompt)
+        else:
+            weights, _ = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
     t2 = time.perf_counter()
 
     # 3. PPO epochs over minibatches, weights scaled by N / M (and the world size)
@@ -110,6 +114,7 @@ def iteration(s, train, mine, args, tok, generation_config):
                 weights[mb] * world * args.local_batch_size / len(mb),
                 args.cliprange,
                 args.cliprange_value,
+                args.max_new_tokens,
             )
             loss = pg_loss + args.vf_coef * vf_loss
             if not torch.isfinite(loss):
@@ -128,15 +133,15 @@ def iteration(s, train, mine, args, tok, generation_config):
 if __name__ == "__main__":
     defaults = dro_ppo.Args()
     p = argparse.ArgumentParser()
-    p.add_argument("--kind", default="chi2")
-    p.add_argument("--rho", type=float, default=0.5)
+    p.add_argument("--kind", default=defaults.dro.kind)
+    p.add_argument("--rho", type=float, default=defaults.dro.rho)
     p.add_argument("--iterations", type=int, default=12, help="timed iterations per setting (after 2 warm-up ones)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts per rollout batch")
     p.add_argument("--samples-per-prompt", type=int, default=defaults.samples_per_prompt)
     p.add_argument("--num-ppo-epochs", type=int, default=defaults.num_ppo_epochs)
     p.add_argument("--num-minibatches", type=int, default=defaults.num_minibatches)
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    p.add_argument("--weights-from", choices=["returns", "values"], default=defaults.weights_from)
+    p.add_argument("--weights-from", choices=["returns", "values", "loo"], default=defaults.weights_from)
     a = p.parse_args()
     base = dataclasses.replace(
         defaults,

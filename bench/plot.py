@@ -2,8 +2,9 @@
 
     python bench/plot.py                 # docs/ood_domains.png, docs/worst_vs_steps.png, docs/groups_refusals.png
 
-1. ood_domains.png: per-domain OOD metric at the end of training, ERM against each robust setting, mean ± std over
-   seeds, one panel per script (reward model: accuracy; DPO and PPO: gold reward of sampled responses).
+1. ood_domains.png: per-domain OOD metric at the end of training, ERM against chi2 0.5, group DRO and (PPO) its
+   default chi2 2 with --weights-from loo, mean ± std over seeds, one panel per script (reward model: accuracy;
+   DPO and PPO: gold reward of sampled responses).
 2. worst_vs_steps.png: the worst-domain OOD metric against training steps for ERM and the default robust setting
    (does robust training learn the worst domain faster, or end somewhere else?), mean ± std over seeds.
 3. groups_refusals.png: on --dataset synthetic-groups, the minority group's gold reward against PPO iterations for
@@ -25,14 +26,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# script: (runs folder, metric, budget in its own steps, y-axis label)
+# script: (runs folder, metric, budget in its own steps, y-axis label, the script's default robust setting)
 PANELS = {
-    "dro_reward.py": ("sweep_dro_reward", "accuracy", 1000, "accuracy (%)"),
-    "dro_dpo.py": ("sweep_dro_dpo", "gold_reward", 600, "gold reward (x 100)"),
-    "dro_ppo.py": ("sweep_dro_ppo", "gold_reward", 60, "gold reward (x 100)"),
+    "dro_reward.py": ("sweep_dro_reward", "accuracy", 1000, "accuracy (%)", "chi2:0.5"),
+    "dro_dpo.py": ("sweep_dro_dpo", "gold_reward", 600, "gold reward (x 100)", "chi2:0.5"),
+    "dro_ppo.py": ("sweep_dro_ppo", "gold_reward", 60, "gold reward (x 100)", "chi2:2 loo"),
 }
-LABELS = {"erm:0": "ERM", "chi2:0.5": "chi2 0.5 (default)", "group:0": "group DRO"}
-COLORS = {"erm:0": "tab:gray", "chi2:0.5": "tab:blue", "group:0": "tab:orange"}
+# settings drawn from the runs of another folder (a sweep with --tag): name -> (folder, setting)
+TAGGED = {"chi2:2 loo": ("sweep_dro_ppo_loo", "chi2:2")}
+LABELS = {"erm:0": "ERM", "chi2:0.5": "chi2 0.5", "group:0": "group DRO", "chi2:2 loo": "chi2 2, loo"}
+COLORS = {"erm:0": "tab:gray", "chi2:0.5": "tab:blue", "group:0": "tab:orange", "chi2:2 loo": "tab:green"}
 
 
 def load_runs(folder: str, steps: int, split: str) -> dict:
@@ -50,19 +53,33 @@ def load_runs(folder: str, steps: int, split: str) -> dict:
     return runs
 
 
+def load_panel(runs_dir: str, folder: str, steps: int, split: str) -> dict:
+    """The runs of a script's sweep folder, plus its TAGGED settings from the other folders."""
+    runs = load_runs(os.path.join(runs_dir, folder), steps, split)
+    for name, (tagged, setting) in TAGGED.items():
+        if tagged.startswith(folder + "_"):
+            found = load_runs(os.path.join(runs_dir, tagged), steps, split).get(setting)
+            runs.update({name: found} if found else {})
+    return runs
+
+
+def label(setting: str, default: str) -> str:
+    return LABELS.get(setting, setting) + (" (default)" if setting == default else "")
+
+
 def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def ood_domains(runs_dir: str, split: str, out: str):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for ax, (script, (folder, metric, steps, ylabel)) in zip(axes, PANELS.items()):
-        runs = load_runs(os.path.join(runs_dir, folder), steps, split)
+    for ax, (script, (folder, metric, steps, ylabel, default)) in zip(axes, PANELS.items()):
+        runs = load_panel(runs_dir, folder, steps, split)
         ax.set_title(f"{script}: {split}, {steps} steps")
         if not runs:
             ax.text(0.5, 0.5, "no runs", ha="center", transform=ax.transAxes)
             continue
-        settings = [s for s in LABELS if s in runs] + sorted(s for s in runs if s not in LABELS)
+        settings = [s for s in LABELS if s in runs]
         final = {s: [curve[max(curve)] for curve in runs[s]] for s in settings}
         domains = sorted(final[settings[0]][0][f"domain_{metric}"]) + ["worst"]
         width = 0.8 / len(settings)
@@ -71,8 +88,8 @@ def ood_domains(runs_dir: str, split: str, out: str):
             per_seed = [v + [min(v)] for v in per_seed]  # the worst domain of each seed
             stats = [mean_std([v[j] for v in per_seed]) for j in range(len(domains))]
             xs = [j + (k - (len(settings) - 1) / 2) * width for j in range(len(domains))]
-            label = f"{LABELS.get(s, s)} ({len(per_seed)} seeds)"
-            ax.bar(xs, [m for m, _ in stats], width, yerr=[e for _, e in stats], label=label, color=COLORS.get(s))
+            name = f"{label(s, default)} ({len(per_seed)} seeds)"
+            ax.bar(xs, [m for m, _ in stats], width, yerr=[e for _, e in stats], label=name, color=COLORS.get(s))
         ax.set_xticks(range(len(domains)), domains)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
@@ -81,15 +98,16 @@ def ood_domains(runs_dir: str, split: str, out: str):
     print(f"wrote {out}")
 
 
-def worst_vs_steps(runs_dir: str, split: str, out: str, settings=("erm:0", "chi2:0.5")):
+def worst_vs_steps(runs_dir: str, split: str, out: str):
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
-    for ax, (script, (folder, metric, steps, ylabel)) in zip(axes, PANELS.items()):
-        runs = load_runs(os.path.join(runs_dir, folder), steps, split)
+    for ax, (script, (folder, metric, steps, ylabel, default)) in zip(axes, PANELS.items()):
+        runs = load_panel(runs_dir, folder, steps, split)
         ax.set_title(f"{script}: worst domain on {split}")
-        for s in (s for s in settings if s in runs):
+        for s in (s for s in ("erm:0", default) if s in runs):
             xs = sorted(set.intersection(*(set(curve) for curve in runs[s])))
             stats = [mean_std([100 * curve[x][f"worst_domain_{metric}"] for curve in runs[s]]) for x in xs]
-            ax.plot(xs, [m for m, _ in stats], marker="o", label=f"{LABELS[s]} ({len(runs[s])} seeds)", color=COLORS[s])
+            name = f"{label(s, default)} ({len(runs[s])} seeds)"
+            ax.plot(xs, [m for m, _ in stats], marker="o", label=name, color=COLORS[s])
             ax.fill_between(xs, [m - e for m, e in stats], [m + e for m, e in stats], alpha=0.2, color=COLORS[s])
         ax.set_xlabel("training step" if script != "dro_ppo.py" else "PPO iteration")
         ax.set_ylabel(ylabel)

@@ -75,7 +75,7 @@ def readouts(path, n):
     for key in ("chosen", "rejected"):  # each response as a rollout: prompt ids + response tokens up to EOS, padded
         prompts = [s[:p] for s, p in zip(data[key], data["prompt_len"])]
         responses, mask = common.pad([s[p:] for s, p in zip(data[key], data["prompt_len"])], tok.pad_token_id)
-        ppo.append(dro_ppo.rollout_scores(tok, model, None, prompts, responses, mask))
+        ppo.append(dro_ppo.rollout_scores(tok, model, None, None, prompts, responses, mask))
     own = []
     for key in ("chosen", "rejected"):  # the tokenizer's own padding and the model's own pooling
         batch = tok.pad({"input_ids": data[key]}, return_tensors="pt")

@@ -126,7 +126,7 @@ def test_reward_models(tmp_path, arch, name):
         train = common.sequence_rewards(model, seqs, tok.pad_token_id)
         alone = torch.cat([common.sequence_rewards(model, [s], tok.pad_token_id) for s in seqs])
         responses, mask = common.pad([s[p:] for s, p in zip(seqs, plens)], tok.pad_token_id)  # as PPO's rollouts
-        ppo = dro_ppo.rollout_scores(tok, model, None, [s[:p] for s, p in zip(seqs, plens)], responses, mask)
+        ppo = dro_ppo.rollout_scores(tok, model, None, None, [s[:p] for s, p in zip(seqs, plens)], responses, mask)
         own = model(**tok.pad({"input_ids": seqs}, padding_side="right", return_tensors="pt")).logits.squeeze(-1)
         torch.testing.assert_close(train, alone, rtol=1e-4, atol=1e-5)  # padding changes nothing
         torch.testing.assert_close(ppo, train, rtol=1e-4, atol=1e-5)

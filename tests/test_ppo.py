@@ -191,13 +191,15 @@ def _whiten_and_weigh_on_rank(rank, x, mask, returns, groups, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
     w, _ = common.robust_prompt_weights(-returns[half], groups[half], common.DROArgs(kind="chi2", rho=0.5))
-    out[rank] = (dro_ppo.masked_whiten(x[half], mask[half]), w)
+    loo, _ = dro_ppo.cross_fitted_weights(-returns[half], groups[half], common.DROArgs(kind="chi2", rho=0.5), 2)
+    out[rank] = (dro_ppo.masked_whiten(x[half], mask[half]), w, loo)
     dist.destroy_process_group()
 
 
 def test_cross_process_parts_equal_one_process():
     """Under torchrun the only cross-rank quantities of a PPO iteration are the advantage whitening and the
-    robust weights: with the rollout batch split over 2 processes they equal those of one process."""
+    robust weights (plug-in and cross-fitted): with the rollout batch split over 2 processes they equal those of
+    one process."""
     import torch.multiprocessing as mp
 
     batch = make_rollout_batch(seed=3)
@@ -211,6 +213,10 @@ def test_cross_process_parts_equal_one_process():
     )
     torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), dro_ppo.masked_whiten(x, mask))
     torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), w)
+    loo, _ = dro_ppo.cross_fitted_weights(
+        -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5), 2
+    )
+    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), loo)  # the cross-fitted worst case too
     whitened = dro_ppo.masked_whiten(x, mask)
     assert masked_mean_all(whitened, mask) == pytest.approx(0.0, abs=1e-6)
     assert masked_mean_all(whitened.square(), mask) == pytest.approx(1.0, abs=1e-4)
