@@ -72,7 +72,7 @@ def mean_std(values):
 
 
 def ood_domains(runs_dir: str, split: str, out: str):
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     for ax, (script, (folder, metric, steps, ylabel, default)) in zip(axes, PANELS.items()):
         runs = load_panel(runs_dir, folder, steps, split)
         ax.set_title(f"{script}: {split}, {steps} steps")
@@ -90,9 +90,9 @@ def ood_domains(runs_dir: str, split: str, out: str):
             xs = [j + (k - (len(settings) - 1) / 2) * width for j in range(len(domains))]
             name = f"{label(s, default)} ({len(per_seed)} seeds)"
             ax.bar(xs, [m for m, _ in stats], width, yerr=[e for _, e in stats], label=name, color=COLORS.get(s))
-        ax.set_xticks(range(len(domains)), domains)
+        ax.set_xticks(range(len(domains)), domains, fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
