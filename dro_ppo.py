@@ -570,9 +570,9 @@ if __name__ == "__main__":
             advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
             advantages = masked_whiten(advantages, response_mask)
 
-            # ROBUST: 2. The worst-case prompt weights, from the negated KL-regularised returns grouped by prompt
-            #    (or the critic's V(x); or cross-fitted: each rollout's from the other rollouts of the batch), fixed
-            #    for all PPO epochs on this batch. rho = 0 gives 1/N each: plain PPO.
+            # ROBUST: 2. The worst-case prompt weights, from the negated KL-regularised returns grouped by prompt:
+            #    by default cross-fitted (each rollout's weight from its prompt's other rollouts), or the rollouts'
+            #    own returns, or the critic's V(x). Fixed for all PPO epochs on this batch; rho = 0: plain PPO.
             prompt_values = values[:, 0] if args.weights_from == "values" else rewards.sum(1)
             if args.weights_from == "loo" and groups is None:  # (group DRO: a domain's mean over many prompts)
                 weights, dro_stats = cross_fitted_weights(-prompt_values, prompt_ids, args.dro, args.samples_per_prompt)
