@@ -5,6 +5,7 @@ embedded synthetic benchmark, preference data loading and tokenisation, the tiny
 per-domain evaluation reports. Everything else stays inside the script that uses it.
 """
 
+import copy
 import itertools
 import json
 import math
@@ -74,11 +75,15 @@ class GroupWeights:
         self.weights = self.weights / self.weights.sum()
 
 
-def check_args(args, positive: str = "", non_negative: str = ""):
-    """Raise a ValueError naming the first field in `positive` (space-separated names) that is not > 0, or in
-    `non_negative` that is < 0 (None means "not set" and passes); called in the scripts' Args.__post_init__, so
-    tyro reports it at parse time with the flag's name."""
-    for names, bad, allowed in ((positive, lambda v: v <= 0, "> 0"), (non_negative, lambda v: v < 0, ">= 0")):
+def check_args(args, positive: str = "", non_negative: str = "", fraction: str = ""):
+    """Raise a ValueError naming the first field in `positive` (space-separated names) that is not > 0, in
+    `non_negative` that is < 0, or in `fraction` outside [0, 1) (None means "not set" and passes); called in the
+    scripts' Args.__post_init__, so tyro reports it at parse time with the flag's name."""
+    for names, bad, allowed in (
+        (positive, lambda v: v <= 0, "> 0"),
+        (non_negative, lambda v: v < 0, ">= 0"),
+        (fraction, lambda v: not 0 <= v < 1, "in [0, 1)"),
+    ):
         for name in names.split():
             value = getattr(args, name)
             if value is not None and (bad(value) or (isinstance(value, float) and not math.isfinite(value))):
@@ -1022,6 +1027,80 @@ def load_model(auto_class, path: str, args, tokenizer, flag: str = "--model-name
     return model
 
 
+# ----------------------------------------------------------------------------------------------
+# Memory savers: gradient checkpointing, LoRA (the reference is the model with its adapter off)
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_model(model, args, task_type: str):
+    """--gradient-checkpointing (the model's own, non-reentrant: it works under DDP and with frozen embeddings),
+    then --lora-r > 0: a peft LoRA adapter on --lora-target-modules (default: every linear layer but the output
+    one); the adapter (and a classifier's head) are then the only trainable weights. task_type: peft's
+    (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION)."""
+    if args.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ArgumentError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+        enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.x on
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # for plain forwards (generate asks for its cache itself)
+    if not args.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules) or "all-linear",
+        task_type=task_type,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. target modules that the model does not have
+        raise ArgumentError(f"--lora-target-modules {' '.join(args.lora_target_modules)}: {e}") from None
+
+
+class WithoutAdapter:
+    """The reference policy under LoRA: the policy itself with its adapter switched off and in eval mode, so the
+    frozen weights are shared instead of copied. Called like the model (no gradients flow: callers use no_grad)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, **inputs):
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return self.model(**inputs)
+        finally:
+            self.model.train(training)
+
+
+def reference_policy(model, args):
+    """The frozen reference: with LoRA the model with its adapter off (`WithoutAdapter`), else a frozen copy."""
+    if args.lora_r:
+        return WithoutAdapter(model)
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def disable_dropout(model):
+    """Dropout off everywhere, so that train() (which switches gradient checkpointing on) computes the same
+    function as eval(): nn.Dropout modules, LoRA's, and the float rates attention layers apply functionally."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def autocast(args, device: torch.device):
     """bf16 autocast of the forward passes with --bf16 (a no-op context without it)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -1420,10 +1499,15 @@ def save_atomically(model, tokenizer, path: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_run(output_dir: str, args, model, tokenizer, step: int):
+def save_run(output_dir: str, args, model, tokenizer, step: int, base_changed: bool = False):
     """The trained model and tokenizer in <output_dir>/model (unless --no-save-model), after checking that its
-    weights are finite, and args.json."""
+    weights are finite, and args.json. With LoRA: the adapter alone, which peft applies to --model-name-or-path;
+    the merged weights (they load with the Auto classes) with --merge-lora, or when the base exists nowhere else
+    (the tiny model, or `base_changed` by a warm start)."""
     check_finite({"model": model}, step)
+    if args.save_model and args.lora_r and (args.merge_lora or base_changed or not args.model_name_or_path):
+        model = model.merge_and_unload()
+        print("saving the weights with the LoRA adapter merged")
     if args.save_model:
         save_atomically(model, tokenizer, os.path.join(output_dir, "model"))
     write_atomically(os.path.join(output_dir, "args.json"), json.dumps(vars(args), default=str, indent=1))

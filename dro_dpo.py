@@ -20,7 +20,6 @@ the global batch. Everything else is the DPO you know.
 """
 
 import contextlib
-import copy
 import os
 import random
 import time
@@ -82,6 +81,18 @@ class Args:
     """allow models and tokenizers whose code lives in their hub repository"""
     bf16: bool = False
     """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass instead of storing them (less memory, slower)"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight); with LoRA the reference is the model with its adapter switched off"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch"""
+    lora_target_modules: tuple[str, ...] = ()
+    """names of the modules that get an adapter (default: every linear layer except the output layer)"""
+    merge_lora: bool = False
+    """save the weights with the adapter merged in (they load with the Auto classes) instead of the adapter alone"""
     ref_model: Optional[str] = None
     """the frozen reference pi_ref, if not the starting policy (e.g. the SFT model a trained policy came from)"""
     sft_steps: Optional[int] = None
@@ -160,9 +171,10 @@ class Args:
             positive=(
                 "keep_checkpoints total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size "
                 "log_every max_length max_train_rows max_eval_rows max_grad_norm beta "
-                "sft_learning_rate max_new_tokens temperature"
+                "sft_learning_rate max_new_tokens temperature lora_alpha"
             ),
-            non_negative="save_every weight_decay warmup_steps eval_every sft_steps eval_generations",
+            non_negative="save_every weight_decay warmup_steps eval_every sft_steps eval_generations lora_r",
+            fraction="lora_dropout",
         )
 
 
@@ -282,18 +294,11 @@ if __name__ == "__main__":
         model = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     model.config.pad_token_id = pad_id
     model.to(device)
-    ddp_model = DDP(model) if distributed else model
-    if rank == 0:
-        print(
-            f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
-            f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) "
-            f"of {args.micro_batch_size}"
-        )
     if (
         args.sft_steps and not checkpoint
     ):  # imitate both responses of each pair, like a base model could have sampled them
         common.warm_start(
-            ddp_model,
+            DDP(model) if distributed else model,
             train["chosen"] + train["rejected"],
             train["prompt_len"] * 2,
             pad_id,
@@ -304,17 +309,27 @@ if __name__ == "__main__":
             rank,
             world,
         )
+    model = common.prepare_model(model, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
+    ddp_model = DDP(model) if distributed else model
     if args.ref_model:
-        reference = common.load_model(AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model").to(device)
-    else:
-        reference = copy.deepcopy(model)
-    reference.eval().requires_grad_(False)
+        reference = common.load_model(AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model")
+        reference.to(device).eval().requires_grad_(False)
+    else:  # a frozen copy of the starting policy; with LoRA the policy itself with its adapter switched off
+        reference = common.reference_policy(model, args)
+    if rank == 0:
+        print(
+            f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
+            f"parameters ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), "
+            f"{world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}"
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.total_steps
     )
     # Resuming: the checkpoint's weights, optimizer, scheduler and RNG states; the data order is replayed to its step
     modules, start_step, skipped_steps = {"model": model, "reference": reference}, 0, 0
+    if args.lora_r:  # the reference is a view of the model (or --ref-model)
+        del modules["reference"]
     if checkpoint:
         state = common.load_checkpoint(checkpoint, modules, optimizer, scheduler, args, rank, world)
         start_step, skipped_steps, groups = state["step"], state["extra"]["skipped_steps"], state["extra"]["groups"]
@@ -469,7 +484,7 @@ if __name__ == "__main__":
                 print(f"\ngold reward of sampled responses, {name}:")
                 common.print_table(res, name="gold_reward")
                 print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in res.items()))
-        common.save_run(output_dir, args, model, tokenizer, args.total_steps)
+        common.save_run(output_dir, args, model, tokenizer, args.total_steps, base_changed=bool(args.sft_steps))
         tracker.close()
     if distributed:
         dist.destroy_process_group()

@@ -97,6 +97,18 @@ class Args:
     """allow models and tokenizers whose code lives in their hub repository"""
     bf16: bool = False
     """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass instead of storing them (less memory, slower)"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight); with LoRA the reference is the model with its adapter switched off"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch"""
+    lora_target_modules: tuple[str, ...] = ()
+    """names of the modules that get an adapter (default: every linear layer except the output layer)"""
+    merge_lora: bool = False
+    """save the weights with the adapter merged in (they load with the Auto classes) instead of the adapter alone"""
     reward_model_path: Optional[str] = None
     """a sequence-classification reward model (e.g. <run>/model of dro_reward.py) with the policy's tokenizer;
     default: the gold reward, which exists for the embedded task's prompts"""
@@ -189,10 +201,13 @@ class Args:
                 "keep_checkpoints total_steps batch_size samples_per_prompt num_ppo_epochs num_minibatches "
                 "learning_rate value_learning_rate max_grad_norm max_new_tokens temperature "
                 "eval_batch_size max_prompt_length max_train_rows max_eval_rows sft_learning_rate "
-                "cliprange cliprange_value gamma"
+                "cliprange cliprange_value gamma lora_alpha"
             ),
-            non_negative="save_every kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps",
+            non_negative="save_every kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps lora_r",
+            fraction="lora_dropout",
         )
+        if self.lora_dropout:
+            raise ValueError("--lora-dropout must be 0: PPO's ratio compares the policy with itself, dropout is off")
 
 
 def load_prompts(source, split, tokenizer, max_prompt_length, skip_bad_rows=False, max_rows=None):
@@ -430,7 +445,6 @@ if __name__ == "__main__":
         policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     policy.config.pad_token_id = pad_id
     policy.to(device)
-    ddp_policy = DDP(policy) if distributed else policy
     reward_model = None
     if args.reward_model_path:
         reward_model = common.load_model(
@@ -447,7 +461,7 @@ if __name__ == "__main__":
     if args.sft_steps and not checkpoint:  # the tiny model cannot generate anything meaningful from a random init
         prompt_lens = [len(p) for p in train["ids"]]
         common.warm_start(
-            ddp_policy,
+            DDP(policy) if distributed else policy,
             [p + c for p, c in zip(train["ids"], train["chosen"])],
             prompt_lens,
             pad_id,
@@ -459,10 +473,14 @@ if __name__ == "__main__":
             world,
             tracker,
         )
-    policy.eval()  # no dropout anywhere: the PPO ratio must compare the same function
-    reference = copy.deepcopy(policy).requires_grad_(False)
     critic = Critic(policy).to(device)
-    ddp_critic = DDP(critic) if distributed else critic
+    policy = common.prepare_model(policy, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
+    critic.backbone = common.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")  # its own adapter
+    for model in (policy, critic):  # no dropout anywhere: the PPO ratio must compare the same function
+        common.disable_dropout(model)
+        model.eval()  # train() only for the PPO epochs, where it switches gradient checkpointing on
+    reference = common.reference_policy(policy, args)  # a frozen copy; with LoRA the policy with its adapter off
+    ddp_policy, ddp_critic = (DDP(policy), DDP(critic)) if distributed else (policy, critic)
     optimizer = torch.optim.AdamW(
         [
             {"params": policy.parameters(), "lr": args.learning_rate},
@@ -486,7 +504,9 @@ if __name__ == "__main__":
     if rank == 0:
         print(
             f"{args.run_id}: {len(train['ids'])} training prompts, "
-            f"{sum(p.numel() for p in policy.parameters()):,} policy parameters, "
+            f"{sum(p.numel() for p in policy.parameters()):,} policy parameters "
+            f"({sum(p.numel() for m in (policy, critic) for p in m.parameters() if p.requires_grad):,} trained "
+            f"with the critic's), "
             f"reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "
             f"({time.time() - start:.0f} s), {world} process(es) x {args.batch_size // world} prompts x "
             f"{args.samples_per_prompt} samples per rollout batch"
@@ -518,6 +538,8 @@ if __name__ == "__main__":
 
     # Resuming: the checkpoint's weights, optimizer and RNG states; the prompt order is replayed to its step
     modules, start_step, skipped_steps = {"policy": policy, "critic": critic, "reference": reference}, 0, 0
+    if args.lora_r:  # the reference is a view of the policy
+        del modules["reference"]
     generation_seconds = update_seconds = 0.0
     if checkpoint:
         state = common.load_checkpoint(checkpoint, modules, optimizer, None, args, rank, world)
@@ -585,6 +607,7 @@ if __name__ == "__main__":
         #    weights give the minibatch mean and the expected minibatch loss is the full-batch robust loss (and by
         #    the world size: the weights of all ranks sum to 1 and DDP averages gradients over ranks)
         t0 = time.time()
+        policy.train(), critic.train()
         for _ in range(args.num_ppo_epochs):
             for mb in torch.randperm(args.local_batch_size, device=device).split(args.minibatch_size):
                 with common.autocast(args, device):
@@ -624,6 +647,7 @@ if __name__ == "__main__":
                         f"step {step}: the gradient norm is not finite; stopping before anything "
                         f"is saved (--skip-nonfinite-steps skips such steps)"
                     )
+        policy.eval(), critic.eval()
         update_seconds += time.time() - t0
 
         # Logging: objective/ (the RLHF objective), losses/ (last minibatch), charts/ (progress), dro/
@@ -683,7 +707,7 @@ if __name__ == "__main__":
                     common.print_table(res, name=name)
         if results:
             print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
-        common.save_run(output_dir, args, policy, tokenizer, args.total_steps)
+        common.save_run(output_dir, args, policy, tokenizer, args.total_steps, base_changed=bool(args.sft_steps))
         tracker.close()
     if distributed:
         dist.destroy_process_group()

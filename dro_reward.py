@@ -78,6 +78,18 @@ class Args:
     """allow models and tokenizers whose code lives in their hub repository"""
     bf16: bool = False
     """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass instead of storing them (less memory, slower)"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight); with LoRA the reference is the model with its adapter switched off"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch"""
+    lora_target_modules: tuple[str, ...] = ()
+    """names of the modules that get an adapter (default: every linear layer except the output layer)"""
+    merge_lora: bool = False
+    """save the weights with the adapter merged in (they load with the Auto classes) instead of the adapter alone"""
 
     # Algorithm
     dro: common.DROArgs = field(default_factory=common.DROArgs)
@@ -138,9 +150,10 @@ class Args:
             self,
             positive=(
                 "keep_checkpoints total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size "
-                "log_every max_length max_train_rows max_eval_rows max_grad_norm"
+                "log_every max_length max_train_rows max_eval_rows max_grad_norm lora_alpha"
             ),
-            non_negative="save_every weight_decay warmup_steps eval_every",
+            non_negative="save_every weight_decay warmup_steps eval_every lora_r",
+            fraction="lora_dropout",
         )
 
 
@@ -219,7 +232,7 @@ if __name__ == "__main__":
     else:
         model = AutoModelForSequenceClassification.from_config(common.tiny_config(tokenizer, num_labels=1))
     model.config.pad_token_id = pad_id
-    model.to(device)
+    model = common.prepare_model(model.to(device), args, "SEQ_CLS")  # gradient checkpointing, LoRA
     ddp_model = DDP(model) if distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
@@ -235,8 +248,8 @@ if __name__ == "__main__":
     if rank == 0:
         print(
             f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
-            f"parameters, {world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) "
-            f"of {args.micro_batch_size}"
+            f"parameters ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), "
+            f"{world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}"
         )
 
     def evaluate_all(step):
