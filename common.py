@@ -1035,8 +1035,8 @@ def load_model(auto_class, path: str, args, tokenizer, flag: str = "--model-name
 def prepare_model(model, args, task_type: str):
     """--gradient-checkpointing (the model's own, non-reentrant: it works under DDP and with frozen embeddings),
     then --lora-r > 0: a peft LoRA adapter on --lora-target-modules (default: every linear layer but the output
-    one); the adapter (and a classifier's head) are then the only trainable weights. task_type: peft's
-    (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION)."""
+    one); the adapter (and a classifier's head) are then the only trainable weights, in fp32, and with --bf16 the
+    frozen weights are stored in bf16. task_type: peft's (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION)."""
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ArgumentError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
@@ -1050,6 +1050,9 @@ def prepare_model(model, args, task_type: str):
         return model
     from peft import LoraConfig, get_peft_model
 
+    if args.bf16:  # frozen weights need no fp32 master copy: stored in bf16 they take half the memory
+        model.to(torch.bfloat16)
+
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -1058,9 +1061,13 @@ def prepare_model(model, args, task_type: str):
         task_type=task_type,
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:  # e.g. target modules that the model does not have
         raise ArgumentError(f"--lora-target-modules {' '.join(args.lora_target_modules)}: {e}") from None
+    for p in model.parameters():  # what trains keeps fp32 master weights (the adapter, a classifier's head)
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
 
 
 class WithoutAdapter:

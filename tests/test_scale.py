@@ -22,9 +22,13 @@ import dro_reward
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TASKS = [(AutoModelForCausalLM, "CAUSAL_LM"), (AutoModelForSequenceClassification, "SEQ_CLS")]
+
+
 def options(**kw):
     base = dict(
         gradient_checkpointing=False,
+        bf16=False,
         lora_r=0,
         lora_alpha=16.0,
         lora_dropout=0.0,
@@ -140,15 +144,24 @@ def test_lora_reference_is_the_base_model_exactly():
     assert trained and all("lora_" in n for n in trained)
 
 
+@pytest.mark.parametrize("auto,task", TASKS)
+def test_lora_with_bf16_stores_frozen_weights_in_bf16_and_trains_in_fp32(auto, task):
+    """--bf16 with LoRA: the frozen weights take 2 bytes per parameter, what trains (adapter, head) keeps fp32."""
+    _, model = tiny(auto)
+    model = common.prepare_model(model, options(lora_r=4, bf16=True), task)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen > 0.9 * sum(p.numel() for p in model.parameters())
+
+
 def test_lora_target_modules_that_do_not_exist_are_a_clear_error():
     _, model = tiny()
     with pytest.raises(common.ArgumentError, match="--lora-target-modules nope"):
         common.prepare_model(model, options(lora_r=4, lora_target_modules=("nope",)), "CAUSAL_LM")
 
 
-@pytest.mark.parametrize(
-    "auto,task", [(AutoModelForCausalLM, "CAUSAL_LM"), (AutoModelForSequenceClassification, "SEQ_CLS")]
-)
+@pytest.mark.parametrize("auto,task", TASKS)
 def test_saved_lora_models_reload(tmp_path, auto, task):
     """The adapter alone reloads on its base with peft; --merge-lora (and a changed base) saves merged weights that
     the Auto classes load, a reward model's trained head included, with the adapted model's outputs."""
