@@ -96,7 +96,8 @@ class Args:
     trust_remote_code: bool = False
     """allow models and tokenizers whose code lives in their hub repository"""
     bf16: bool = False
-    """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32"""
+    """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32
+    (with LoRA the frozen weights are stored in bf16)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass instead of storing them (less memory, slower)"""
     lora_r: int = 0
