@@ -5,6 +5,7 @@ embedded synthetic benchmark, preference data loading and tokenisation, the tiny
 per-domain evaluation reports. Everything else stays inside the script that uses it.
 """
 
+import contextlib
 import copy
 import itertools
 import json
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import get_scheduler
@@ -88,6 +90,8 @@ def check_args(args, positive: str = "", non_negative: str = "", fraction: str =
             value = getattr(args, name)
             if value is not None and (bad(value) or (isinstance(value, float) and not math.isfinite(value))):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number {allowed}, got {value}")
+    if args.fsdp and args.lora_r:
+        raise ValueError("--fsdp with --lora-r is not supported yet: LoRA models are trained replicated (DDP)")
 
 
 def robust_weights(losses: torch.Tensor, kind: str, rho: float, return_dual: bool = False):
@@ -840,7 +844,12 @@ def generate(model, prompt_ids, pad_id: int, end_id: int, generation_config):
     their mask [N, max_new_tokens], and whether each response ended with the end token."""
     queries, query_mask = pad(prompt_ids, pad_id, side="left")
     queries, query_mask = queries.to(device_of(model)), query_mask.to(device_of(model))
-    out = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation_config)
+    out = model.generate(
+        input_ids=queries,
+        attention_mask=query_mask,
+        generation_config=generation_config,
+        synced_gpus=is_sharded(model),  # sharded: every process runs every forward until all have stopped
+    )
     responses = F.pad(
         out[:, queries.shape[1] :],
         (0, generation_config.max_new_tokens - out.shape[1] + queries.shape[1]),
@@ -1028,7 +1037,7 @@ def load_model(auto_class, path: str, args, tokenizer, flag: str = "--model-name
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory savers: gradient checkpointing, LoRA (the reference is the model with its adapter off)
+# Memory: gradient checkpointing, LoRA (the reference is the model with its adapter off), FSDP2
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1106,6 +1115,51 @@ def disable_dropout(model):
         for name in ("attention_dropout", "dropout", "attn_dropout"):
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
+
+
+def distribute(model, args, distributed: bool, frozen: bool = False):
+    """The model as it computes under torchrun. With --fsdp, FSDP2 shards each transformer layer, then the rest,
+    over the processes (weights, gradients and AdamW state: 1/world each; a layer's weights are gathered for its
+    forward and backward), frozen models too; otherwise DDP replicates a trained model and leaves a frozen one
+    alone. Both average gradients over processes, so the scripts' weighting by the world size holds for both."""
+    if not distributed or (frozen and not args.fsdp):
+        return model
+    if not args.fsdp:
+        return DDP(model)
+    from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):  # transformers' decoder (and encoder) layers
+            fully_shard(module)
+    return fully_shard(model)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def no_sync(model, skip: bool):
+    """DDP's no_sync for the micro-batches before the last one (FSDP2 reduces each backward's gradients itself)."""
+    return model.no_sync() if skip and isinstance(model, DDP) else contextlib.nullcontext()
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over the model's parameters; the total norm as a plain tensor (FSDP2's is a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_weights(model) -> Optional[dict]:
+    """The state dict of a model sharded with --fsdp, gathered to rank 0 on the CPU (a collective: every process
+    calls it; the others get {}); None for a model that is not sharded."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def autocast(args, device: torch.device):
@@ -1366,6 +1420,12 @@ def save_checkpoint(
     import shutil
 
     check_finite(modules, step)
+    sharded = any(is_sharded(m) for m in modules.values())
+    if sharded:  # --fsdp: the whole weights and optimizer state, gathered to rank 0 (every process takes part)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, optimizer_state = get_state_dict(torch.nn.ModuleDict(modules), optimizer, options=options)
     folder = os.path.join(output_dir, "checkpoints", f"step-{step:08d}")
     tmp = folder + ".tmp"
     if rank == 0:
@@ -1381,8 +1441,9 @@ def save_checkpoint(
             "script": args.exp_name,
             "world_size": world,
             "model": args.model_name_or_path,
-            "modules": {name: m.state_dict() for name, m in modules.items()},
-            "optimizer": optimizer.state_dict(),
+            "fsdp": sharded,
+            "modules": weights if sharded else {name: m.state_dict() for name, m in modules.items()},
+            "optimizer": optimizer_state if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "extra": extra,
         }
@@ -1423,10 +1484,24 @@ def load_checkpoint(path: str, modules: dict, optimizer, scheduler, args, rank: 
     for key, mine in (("script", args.exp_name), ("world_size", world), ("model", args.model_name_or_path)):
         if state[key] != mine:
             raise ArgumentError(f"checkpoint {path} was written with {key} {state[key]!r}, this run has {mine!r}")
+    sharded = any(is_sharded(m) for m in modules.values())
+    if state.get("fsdp", False) != sharded:
+        raise ArgumentError(f"checkpoint {path} was written {'with' if sharded else 'without'} --fsdp, unlike this run")
     try:
-        for name, module in modules.items():
+        if sharded:  # every process reads the whole state and keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                torch.nn.ModuleDict(modules),
+                optimizer,
+                model_state_dict=state["modules"],
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        for name, module in modules.items() if not sharded else ():
             module.load_state_dict(state["modules"][name])
-        optimizer.load_state_dict(state["optimizer"])
+        if not sharded:
+            optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise ArgumentError(f"checkpoint {path} does not fit this model ({str(e)[:300]})") from None
     if scheduler is not None:
@@ -1469,9 +1544,18 @@ class StopSignal:
 
 
 def check_finite(modules: dict, step: int):
-    """Nothing non-finite is ever saved: stop with the step and the likely causes instead."""
+    """Nothing non-finite is ever saved: stop with the step and the likely causes instead (on every process, also
+    when each holds only its shard of the weights)."""
     for name, module in modules.items():
-        bad = [n for n, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        bad = [
+            n
+            for n, p in module.state_dict().items()
+            if p.is_floating_point() and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+        ]
+        if is_sharded(module):  # another process's shard may be the bad one
+            flag = torch.tensor([len(bad)], device=device_of(module))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bad or (["(in another process's shard)"] if flag.item() else [])
         if bad:
             raise FloatingPointError(
                 f"step {step}: the {name}'s weights are not finite ({', '.join(bad[:3])}...); nothing "
@@ -1484,7 +1568,7 @@ def nonfinite_gradients(model) -> bool:
     return any(p.grad is not None and not torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def save_atomically(model, tokenizer, path: str):
+def save_atomically(model, tokenizer, path: str, state_dict: Optional[dict] = None):
     """save_pretrained into a temporary folder and fsync it, then rename the old `path` away and the new one onto
     `path`, then remove the old one: at every instant a complete model exists (`path`, or `path`.old between the
     two renames, which the next save or a resumed run puts back)."""
@@ -1494,7 +1578,7 @@ def save_atomically(model, tokenizer, path: str):
     if os.path.exists(old) and not os.path.exists(path):  # a save killed between its two renames
         os.replace(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for name in os.listdir(tmp):
         _fsync(os.path.join(tmp, name))
@@ -1508,13 +1592,16 @@ def save_atomically(model, tokenizer, path: str):
 
 def save_run(output_dir: str, args, model, tokenizer, step: int, base_changed: bool = False):
     """The trained model and tokenizer in <output_dir>/model (unless --no-save-model), after checking that its
-    weights are finite, and args.json. With LoRA: the adapter alone, which peft applies to --model-name-or-path;
-    the merged weights (they load with the Auto classes) with --merge-lora, or when the base exists nowhere else
-    (the tiny model, or `base_changed` by a warm start)."""
+    weights are finite, and args.json; every process calls it, rank 0 writes. With LoRA: the adapter alone, which
+    peft applies to --model-name-or-path; the merged weights (they load with the Auto classes) with --merge-lora,
+    or when the base exists nowhere else (the tiny model, or `base_changed` by a warm start)."""
     check_finite({"model": model}, step)
+    weights = full_weights(model) if args.save_model else None  # --fsdp: gathered by every process
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     if args.save_model and args.lora_r and (args.merge_lora or base_changed or not args.model_name_or_path):
         model = model.merge_and_unload()
         print("saving the weights with the LoRA adapter merged")
     if args.save_model:
-        save_atomically(model, tokenizer, os.path.join(output_dir, "model"))
+        save_atomically(model, tokenizer, os.path.join(output_dir, "model"), weights)
     write_atomically(os.path.join(output_dir, "args.json"), json.dumps(vars(args), default=str, indent=1))

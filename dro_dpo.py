@@ -19,7 +19,6 @@ the global batch. Everything else is the DPO you know.
     python dro_dpo.py --dro.kind erm                   # plain DPO
 """
 
-import contextlib
 import os
 import random
 import time
@@ -94,6 +93,8 @@ class Args:
     """names of the modules that get an adapter (default: every linear layer except the output layer)"""
     merge_lora: bool = False
     """save the weights with the adapter merged in (they load with the Auto classes) instead of the adapter alone"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP"""
     ref_model: Optional[str] = None
     """the frozen reference pi_ref, if not the starting policy (e.g. the SFT model a trained policy came from)"""
     sft_steps: Optional[int] = None
@@ -249,6 +250,7 @@ if __name__ == "__main__":
     common.exit_cleanly_on_user_errors()
     args = tyro.cli(Args)
     distributed, rank, world, device = common.init_distributed()
+    evaluating = rank == 0 or args.fsdp  # with --fsdp every process takes part in each forward
     args.world_size = world
     if args.batch_size % (world * args.gradient_accumulation_steps):
         raise common.ArgumentError(
@@ -311,12 +313,14 @@ if __name__ == "__main__":
             world,
         )
     model = common.prepare_model(model, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
-    ddp_model = DDP(model) if distributed else model
     if args.ref_model:
         reference = common.load_model(AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model")
         reference.to(device).eval().requires_grad_(False)
     else:  # a frozen copy of the starting policy; with LoRA the policy itself with its adapter switched off
         reference = common.reference_policy(model, args)
+    if not args.lora_r or args.ref_model:
+        reference = common.distribute(reference, args, distributed, frozen=True)
+    ddp_model = common.distribute(model, args, distributed)  # DDP, or FSDP2 with --fsdp
     if rank == 0:
         print(
             f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
@@ -376,10 +380,11 @@ if __name__ == "__main__":
                             args.eval_batch_size,
                         )
                     )
-            tracker.eval(step, split, results[split])
+            if rank == 0:
+                tracker.eval(step, split, results[split])
         return results
 
-    if rank == 0 and not checkpoint:
+    if evaluating and not checkpoint:
         start_results = evaluate_all(0)
 
     # Training loop
@@ -428,9 +433,9 @@ if __name__ == "__main__":
                     f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
                     f"(--skip-nonfinite-steps skips such steps)"
                 )
-            with ddp_model.no_sync() if distributed and j < len(micro_batches) - 1 else contextlib.nullcontext():
+            with common.no_sync(ddp_model, skip=j < len(micro_batches) - 1):
                 loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_gradients(model, args.max_grad_norm)
         if torch.isfinite(grad_norm):  # the same on every rank: DDP averaged the gradients
             optimizer.step()
         elif args.skip_nonfinite_steps:
@@ -458,7 +463,7 @@ if __name__ == "__main__":
                 },
                 step,
             )
-        if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+        if evaluating and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
         if stop.requested() or (args.save_every and step % args.save_every == 0 and step < args.total_steps):
             extra = {
@@ -470,9 +475,9 @@ if __name__ == "__main__":
             if stop.signum:
                 stop.exit(output_dir, step)
 
-    # Final evaluation and save (rank 0)
+    # Final evaluation (rank 0; with --fsdp every process takes part) and save (rank 0 writes)
+    results = evaluate_all(args.total_steps) if evaluating else None
     if rank == 0:
-        results = evaluate_all(args.total_steps)
         if results:
             print(f"\nimplicit-reward accuracy (%) after {args.total_steps} DPO steps, {time.time() - start:.0f} s:")
             common.print_table(results)
@@ -485,7 +490,8 @@ if __name__ == "__main__":
                 print(f"\ngold reward of sampled responses, {name}:")
                 common.print_table(res, name="gold_reward")
                 print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in res.items()))
-        common.save_run(output_dir, args, model, tokenizer, args.total_steps, base_changed=bool(args.sft_steps))
+    common.save_run(output_dir, args, model, tokenizer, args.total_steps, base_changed=bool(args.sft_steps))
+    if rank == 0:
         tracker.close()
     if distributed:
         dist.destroy_process_group()

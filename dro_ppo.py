@@ -110,6 +110,8 @@ class Args:
     """names of the modules that get an adapter (default: every linear layer except the output layer)"""
     merge_lora: bool = False
     """save the weights with the adapter merged in (they load with the Auto classes) instead of the adapter alone"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP"""
     reward_model_path: Optional[str] = None
     """a sequence-classification reward model (e.g. <run>/model of dro_reward.py) with the policy's tokenizer;
     default: the gold reward, which exists for the embedded task's prompts"""
@@ -382,6 +384,7 @@ if __name__ == "__main__":
     common.exit_cleanly_on_user_errors()
     args = tyro.cli(Args)
     distributed, rank, world, device = common.init_distributed()
+    evaluating = rank == 0 or args.fsdp  # with --fsdp every process takes part in each forward
     args.world_size = world
     if args.batch_size % world:
         raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -481,7 +484,11 @@ if __name__ == "__main__":
         common.disable_dropout(model)
         model.eval()  # train() only for the PPO epochs, where it switches gradient checkpointing on
     reference = common.reference_policy(policy, args)  # a frozen copy; with LoRA the policy with its adapter off
-    ddp_policy, ddp_critic = (DDP(policy), DDP(critic)) if distributed else (policy, critic)
+    ddp_policy, ddp_critic = (common.distribute(m, args, distributed) for m in (policy, critic))  # DDP or FSDP2
+    if not args.lora_r:
+        reference = common.distribute(reference, args, distributed, frozen=True)
+    if reward_model is not None:
+        reward_model = common.distribute(reward_model, args, distributed, frozen=True)
     optimizer = torch.optim.AdamW(
         [
             {"params": policy.parameters(), "lr": args.learning_rate},
@@ -530,10 +537,11 @@ if __name__ == "__main__":
                 for split, data in eval_sets.items()
             }
         for split, report in results.items():
-            tracker.eval(step, split, report)
+            if rank == 0:
+                tracker.eval(step, split, report)
         return results
 
-    if rank == 0 and not checkpoint:
+    if evaluating and not checkpoint:
         start_results = evaluate_all(0)
     torch.manual_seed(args.seed + rank)  # the prompt order is the same on all ranks, the sampling differs per rank
 
@@ -637,8 +645,8 @@ if __name__ == "__main__":
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                value_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_gradients(policy, args.max_grad_norm)
+                value_grad_norm = common.clip_gradients(critic, args.max_grad_norm)
                 if torch.isfinite(grad_norm) and torch.isfinite(value_grad_norm):  # the same on every rank
                     optimizer.step()
                 elif args.skip_nonfinite_steps:
@@ -676,7 +684,7 @@ if __name__ == "__main__":
                 },
                 step,
             )
-        if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+        if evaluating and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
         if stop.requested() or (args.save_every and step % args.save_every == 0 and step < args.total_steps):
             extra = {
@@ -690,9 +698,9 @@ if __name__ == "__main__":
             if stop.signum:
                 stop.exit(output_dir, step)
 
-    # Final evaluation and save (rank 0)
+    # Final evaluation (rank 0; with --fsdp every process takes part) and save (rank 0 writes)
+    results = evaluate_all(args.total_steps) if evaluating else None
     if rank == 0:
-        results = evaluate_all(args.total_steps)
         print(
             f"\n{args.total_steps} PPO iterations, {time.time() - start:.0f} s in all "
             f"(rollouts {generation_seconds:.0f} s, updates {update_seconds:.0f} s)"
@@ -708,7 +716,8 @@ if __name__ == "__main__":
                     common.print_table(res, name=name)
         if results:
             print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
-        common.save_run(output_dir, args, policy, tokenizer, args.total_steps, base_changed=bool(args.sft_steps))
+    common.save_run(output_dir, args, policy, tokenizer, args.total_steps, base_changed=bool(args.sft_steps))
+    if rank == 0:
         tracker.close()
     if distributed:
         dist.destroy_process_group()

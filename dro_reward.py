@@ -16,7 +16,6 @@ plain (ERM) reward modelling. Under torchrun the worst case is over the global b
         --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct
 """
 
-import contextlib
 import os
 import random
 import time
@@ -28,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, get_scheduler
 
@@ -91,6 +89,8 @@ class Args:
     """names of the modules that get an adapter (default: every linear layer except the output layer)"""
     merge_lora: bool = False
     """save the weights with the adapter merged in (they load with the Auto classes) instead of the adapter alone"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP"""
 
     # Algorithm
     dro: common.DROArgs = field(default_factory=common.DROArgs)
@@ -188,6 +188,7 @@ if __name__ == "__main__":
     common.exit_cleanly_on_user_errors()
     args = tyro.cli(Args)
     distributed, rank, world, device = common.init_distributed()
+    evaluating = rank == 0 or args.fsdp  # with --fsdp every process takes part in each forward
     args.world_size = world
     if args.batch_size % (world * args.gradient_accumulation_steps):
         raise common.ArgumentError(
@@ -234,7 +235,7 @@ if __name__ == "__main__":
         model = AutoModelForSequenceClassification.from_config(common.tiny_config(tokenizer, num_labels=1))
     model.config.pad_token_id = pad_id
     model = common.prepare_model(model.to(device), args, "SEQ_CLS")  # gradient checkpointing, LoRA
-    ddp_model = DDP(model) if distributed else model
+    ddp_model = common.distribute(model, args, distributed)  # DDP, or FSDP2 with --fsdp
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.total_steps
@@ -260,7 +261,8 @@ if __name__ == "__main__":
                 for split, (_, data) in eval_sets.items()
             }
         for split, report in results.items():
-            tracker.eval(step, split, report)
+            if rank == 0:
+                tracker.eval(step, split, report)
         return results
 
     # Training loop
@@ -300,9 +302,9 @@ if __name__ == "__main__":
                     f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
                     f"(--skip-nonfinite-steps skips such steps)"
                 )
-            with ddp_model.no_sync() if distributed and j < len(micro_batches) - 1 else contextlib.nullcontext():
+            with common.no_sync(ddp_model, skip=j < len(micro_batches) - 1):
                 loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = common.clip_gradients(model, args.max_grad_norm)
         if torch.isfinite(grad_norm):  # the same on every rank: DDP averaged the gradients
             optimizer.step()
         elif args.skip_nonfinite_steps:
@@ -330,7 +332,7 @@ if __name__ == "__main__":
                 },
                 step,
             )
-        if rank == 0 and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+        if evaluating and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             evaluate_all(step)
         if stop.requested() or (args.save_every and step % args.save_every == 0 and step < args.total_steps):
             extra = {"skipped_steps": skipped_steps, "groups": groups}
@@ -338,13 +340,13 @@ if __name__ == "__main__":
             if stop.signum:
                 stop.exit(output_dir, step)
 
-    # Final evaluation and save (rank 0)
+    # Final evaluation (rank 0; with --fsdp every process takes part) and save (rank 0 writes)
+    results = evaluate_all(args.total_steps) if evaluating else None
+    if rank == 0 and results:
+        print(f"\nper-domain accuracy (%) after {args.total_steps} steps, {time.time() - start:.0f} s:")
+        common.print_table(results)
+    common.save_run(output_dir, args, model, tokenizer, args.total_steps)
     if rank == 0:
-        results = evaluate_all(args.total_steps)
-        if results:
-            print(f"\nper-domain accuracy (%) after {args.total_steps} steps, {time.time() - start:.0f} s:")
-            common.print_table(results)
-        common.save_run(output_dir, args, model, tokenizer, args.total_steps)
         tracker.close()
     if distributed:
         dist.destroy_process_group()

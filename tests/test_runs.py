@@ -301,10 +301,12 @@ def test_ppo_writes_its_model_with_every_reward_and_eval_combination(tmp_path):
         assert os.path.exists(out / "model" / "config.json") and os.path.exists(out / "args.json"), (reward, evals)
 
 
-def test_torchrun_killed_and_resumed_equals_uninterrupted(tmp_path):
-    """2 gloo processes: rank 0 writes the checkpoint, every rank restores its own RNG state."""
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]])
+def test_torchrun_killed_and_resumed_equals_uninterrupted(tmp_path, sharding):
+    """2 gloo processes: rank 0 writes the checkpoint, every rank restores its own RNG state (with --fsdp: the
+    shards are gathered into the checkpoint and each process takes its own back)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543"]
-    cmd = lambda out, *extra: [*torchrun, *command("dro_reward.py", out)[1:], *extra]
+    cmd = lambda out, *extra: [*torchrun, *command("dro_reward.py", out)[1:], *sharding, *extra]
     subprocess.run(cmd(tmp_path / "whole"), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen(
         cmd(tmp_path / "killed"),
