@@ -97,7 +97,8 @@ def iteration(s, train, mine, args, tok, generation_config):
             weights, _ = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
     t2 = time.perf_counter()
 
-    # 3. PPO epochs over minibatches, weights scaled by N / M (and the world size)
+    # 3. PPO epochs over minibatches, weights scaled by N / M (and the world size); train() as in dro_ppo.py
+    policy.train(), critic.train()
     for _epoch in range(args.num_ppo_epochs):
         for mb in torch.randperm(args.local_batch_size, device=DEVICE).split(args.minibatch_size):
             with common.autocast(args, DEVICE):
@@ -127,6 +128,7 @@ def iteration(s, train, mine, args, tok, generation_config):
                 optimizer.step()
             else:
                 raise FloatingPointError("the gradient norm is not finite")
+    policy.eval(), critic.eval()
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 

@@ -22,12 +22,12 @@ steps per generation batch, beta 0.05 (reference forward), no critic: a differen
 
 Each measurement runs in a fresh subprocess; ours and TRL alternate, --rounds rounds; medians are reported.
 Timing starts after one warm-up step (DPO) or iteration (PPO) and runs to the end of the last, including data
-loading and collation. Memory: on the CPU the peak resident set (VmHWM of /proc/self/status, reset through
-/proc/self/clear_refs after the warm-up) as (1) "total": the peak over the whole run above the RSS before the
-models were built (weights, reference, gradients, optimizer state, activations) and (2) "step": the peak of the
-timed steps above the RSS at their start (activations and temporaries); torch has no CPU allocator statistics,
-so this includes the allocator's caching and fragmentation. On a GPU the same two numbers come from
-torch.cuda.max_memory_allocated. The time split comes from forward hooks on the models (a forward under no_grad
+loading and collation. Memory: one more step (iteration) after the timed ones, measured apart so that measuring
+costs the timing nothing: on the CPU the largest total of live tensors in torch.profiler's memory timeline (the
+resident set would count glibc's caching, which varies by hundreds of MB between identical runs), on a GPU
+torch.cuda.max_memory_allocated; "total" is everything held at the peak (weights, reference, optimizer state,
+gradients, activations), "step" its growth over the step (gradients and activations). The time split comes from
+forward hooks on the models (a forward under no_grad
 on the reference = "reference forward", with gradients = "policy forward"), timers around backward and clipping +
 optimizer (ours), and Trainer callbacks plus a wrapped training_step / compute_loss (TRL); "other" is the rest
 (data, collation, loss arithmetic, scheduler, logging). On a GPU every timer synchronises first.
@@ -58,37 +58,43 @@ BETA, LR, MAX_GRAD_NORM, MAX_LENGTH = 0.1, 1e-4, 1.0, 64
 # ----------------------------------------------------------------------------------------------
 
 
-def _status_mb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
-
 class Memory:
-    """Peak memory: VmHWM on the CPU (reset at `start_timed`), max_memory_allocated on a GPU."""
+    """Peak memory of one more step after the timed ones (`start` ... `stop`). On the CPU: the largest total of live
+    tensors in torch.profiler's memory timeline (tensor bytes, free of the allocator's caching: the resident set
+    varies with glibc's arenas by hundreds of MB between identical runs); on a GPU: max_memory_allocated. Returns
+    the peak of everything held ("total": weights, reference, optimizer state, gradients, activations) and its
+    growth over the step ("step": gradients and activations)."""
 
     def __init__(self, device):
         import torch
 
         self.torch, self.cuda = torch, device.type == "cuda"
-        self.base = self.now()  # before the models are built
 
-    def now(self):
-        return self.torch.cuda.memory_allocated() / 2**20 if self.cuda else _status_mb("VmRSS")
-
-    def peak(self):
-        return self.torch.cuda.max_memory_allocated() / 2**20 if self.cuda else _status_mb("VmHWM")
-
-    def start_timed(self):
-        self.warm_peak, self.timed_base = self.peak(), self.now()
+    def start(self):
+        torch = self.torch
         if self.cuda:
-            self.torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
         else:
-            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-                f.write("5")
+            self.profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU],
+                profile_memory=True,
+                record_shapes=True,
+                with_stack=True,
+            )
+            self.profiler.start()
 
-    def result(self):
-        peak = self.peak()
-        return {"mem_total_mb": max(peak, self.warm_peak) - self.base, "mem_step_mb": peak - self.timed_base}
+    def stop(self) -> dict:
+        if self.cuda:
+            peak, base = self.torch.cuda.max_memory_allocated(), self.base
+        else:
+            self.profiler.stop()
+            with tempfile.TemporaryDirectory() as tmp:
+                self.profiler.export_memory_timeline(os.path.join(tmp, "memory.json"), device="cpu")
+                _, sizes = json.load(open(os.path.join(tmp, "memory.json")))
+            totals = [sum(s) for s in sizes]
+            peak, base = max(totals), totals[0]
+        return {"mem_total_mb": peak / 2**20, "mem_step_mb": (peak - base) / 2**20}
 
 
 class Clock:
@@ -215,18 +221,20 @@ def new_model(tok, device):
     return model
 
 
-def trl_timing_callback(clock, memory, first, last):
-    """Starts the clock and resets the peak at the end of optimizer step `first` (the warm-up), stops at `last`'s."""
+def trl_timing_callback(clock, memory, first, last, measured):
+    """Starts the clock at the end of optimizer step `first` (the warm-up), stops it at `last`'s and then measures
+    the memory until the end of step `measured`."""
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == first:
-                memory.start_timed()
                 clock.timing, clock.start = True, clock.now()
             elif state.global_step == last:
                 clock.seconds, clock.timing = clock.now() - clock.start, False
-                clock.memory = memory.result()
+                memory.start()
+            elif state.global_step == measured:
+                clock.memory = memory.stop()
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             clock.opt_start = clock.now()
@@ -275,7 +283,7 @@ def timed_trainer(cls, clock):
 def dpo_rows(tok, steps, batch):
     import common
 
-    return common.load_preferences("synthetic", "train", tok, max_rows=(steps + 1) * batch)
+    return common.load_preferences("synthetic", "train", tok, max_rows=(steps + 2) * batch)
 
 
 def dpo_ours(mode, steps, batch, device):
@@ -302,10 +310,12 @@ def dpo_ours(mode, steps, batch, device):
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     scheduler = get_scheduler("constant", opt)
     dro, pad_id, n = common.DROArgs("erm", 0.0), tok.pad_token_id, len(data["chosen"])
-    for step in range(-1, steps):  # step -1 warms up
+    for step in range(-1, steps + 1):  # step -1 warms up, step `steps` measures the memory
         if step == 0:
-            memory.start_timed()
             clock.timing, start = True, clock.now()
+        if step == steps:
+            seconds, clock.timing = clock.now() - start, False
+            memory.start()
         idx = [((step + 1) * batch + i) % n for i in range(batch)]
         with common.autocast(args, device):
             losses, _, _ = pair_losses(model, reference, data, idx, pad_id, BETA)
@@ -322,8 +332,7 @@ def dpo_ours(mode, steps, batch, device):
                 opt.step()
             scheduler.step()
             opt.zero_grad(set_to_none=True)
-    seconds = clock.now() - start
-    return {"params": n_params, "trained": trained, "seconds": seconds, **memory.result(), "split": dict(clock.t)}
+    return {"params": n_params, "trained": trained, "seconds": seconds, **memory.stop(), "split": dict(clock.t)}
 
 
 def dpo_trl(mode, steps, batch, device):
@@ -342,7 +351,7 @@ def dpo_trl(mode, steps, batch, device):
         config = DPOConfig(
             output_dir=out,
             per_device_train_batch_size=batch,
-            max_steps=steps + 1,  # the first one warms up
+            max_steps=steps + 2,  # the first one warms up, the last one measures the memory
             learning_rate=LR,
             beta=BETA,
             max_length=MAX_LENGTH,
@@ -355,7 +364,7 @@ def dpo_trl(mode, steps, batch, device):
             train_dataset=rows,
             processing_class=tok,
             peft_config=peft,
-            callbacks=[trl_timing_callback(clock, memory, 1, steps + 1)],
+            callbacks=[trl_timing_callback(clock, memory, 1, steps + 1, steps + 2)],
         )
         clock.hook(trainer.model)
         if trainer.ref_model is not None:
@@ -399,7 +408,7 @@ def ppo_ours(mode, steps, prompts, device):
     args = script_args(mode, **{k: v for k, v in vars(base).items() if k not in vars(script_args(mode))})
     tok = common.tiny_tokenizer()
     pad_id, end_id = tok.pad_token_id, common.end_token_id(tok)
-    train = dro_ppo.load_prompts("synthetic", "train", tok, args.max_prompt_length, max_rows=(steps + 1) * prompts)
+    train = dro_ppo.load_prompts("synthetic", "train", tok, args.max_prompt_length, max_rows=(steps + 2) * prompts)
     memory, clock = Memory(device), Clock(device)
     policy = new_model(tok, device)
     n_params = sum(p.numel() for p in policy.parameters())
@@ -428,10 +437,12 @@ def ppo_ours(mode, steps, prompts, device):
         eos_token_id=end_id,
     )
     world = 1
-    for step in range(-1, steps):
+    for step in range(-1, steps + 1):  # step -1 warms up, step `steps` measures the memory
         if step == 0:
-            memory.start_timed()
             clock.timing, start = True, clock.now()
+        if step == steps:
+            seconds, clock.timing = clock.now() - start, False
+            memory.start()
         torch.manual_seed(step + 1)
         mine = list(range((step + 1) * prompts, (step + 2) * prompts))
         rollout_prompts = [i for i in mine for _ in range(args.samples_per_prompt)]
@@ -506,7 +517,7 @@ def ppo_ours(mode, steps, prompts, device):
         policy.eval(), critic.eval()
         if clock.timing:
             clock.t["_update"] += clock.now() - t1
-    seconds = clock.now() - start
+    memory_result = memory.stop()
     split = dict(clock.t)
     rollout = split.pop("_rollout")
     split["logprobs, values, GAE, weights"] = (
@@ -519,7 +530,7 @@ def ppo_ours(mode, steps, prompts, device):
         "trained": trained,
         "seconds": seconds,
         "rollouts": steps * args.local_batch_size,
-        **memory.result(),
+        **memory_result,
         "split": split,
     }
 
@@ -534,7 +545,7 @@ def ppo_trl(mode, steps, prompts, device):
 
     base = ppo_defaults(prompts)
     tok = common.tiny_tokenizer()
-    rows = common.load_preferences("synthetic", "train", tok, max_rows=(steps + 1) * prompts)
+    rows = common.load_preferences("synthetic", "train", tok, max_rows=(steps + 2) * prompts)
     ds = Dataset.from_dict({"prompt": list(rows["prompt"]), "domain": list(rows["domain"])})
 
     def gold(prompts, completions, domain, **kw):
@@ -561,7 +572,7 @@ def ppo_trl(mode, steps, prompts, device):
             top_p=1.0,
             beta=base.kl_coef,
             learning_rate=base.learning_rate,
-            max_steps=(steps + 1) * opt_steps,
+            max_steps=(steps + 2) * opt_steps,
             shuffle_dataset=False,
             **options,
         )
@@ -572,7 +583,7 @@ def ppo_trl(mode, steps, prompts, device):
             train_dataset=ds,
             processing_class=tok,
             peft_config=peft,
-            callbacks=[trl_timing_callback(clock, memory, opt_steps, (steps + 1) * opt_steps)],
+            callbacks=[trl_timing_callback(clock, memory, opt_steps, (steps + 1) * opt_steps, (steps + 2) * opt_steps)],
         )
         clock.hook(trainer.model)
         gen, score = trainer._generate, trainer._generate_and_score_completions
