@@ -1,8 +1,9 @@
 """Small utilities shared by dro_reward.py, dro_dpo.py and dro_ppo.py.
 
 Only what more than one script needs lives here: the worst-case weights of the ambiguity sets, the
-embedded synthetic benchmark, preference data loading and tokenisation, the tiny offline model and
-per-domain evaluation reports. Everything else stays inside the script that uses it.
+embedded synthetic benchmark, preference data loading and tokenisation, the tiny offline model, the memory
+savers and sharding (LoRA, checkpointing, FSDP2), checkpoints and per-domain evaluation reports. Everything
+else stays inside the script that uses it.
 """
 
 import contextlib

@@ -348,5 +348,6 @@ if __name__ == "__main__":
     common.save_run(output_dir, args, model, tokenizer, args.total_steps)
     if rank == 0:
         tracker.close()
-    if distributed:
+    if distributed:  # every process leaves together: one exiting while another still writes can abort in gloo
+        dist.barrier()
         dist.destroy_process_group()

@@ -237,16 +237,14 @@ SMALL_RUN = {
 @pytest.mark.parametrize("script", list(SMALL_RUN))
 def test_scripts_with_lora_and_checkpointing_reduce_to_erm_at_rho_zero(tmp_path, script):
     """End to end with --lora-r, --gradient-checkpointing and --bf16: rho = 0 trains exactly the model ERM trains,
-    a robust run differs, and the saved (merged: the tiny model's base exists nowhere else) weights load."""
+    and the saved (merged: the tiny model's base exists nowhere else) weights load."""
     flags = [*SMALL_RUN[script].split(), *SAVERS, "--bf16"]
     rho0 = run(script, tmp_path / "rho0", *flags, "--dro.kind", "chi2", "--dro.rho", "0")
     erm = run(script, tmp_path / "erm", *flags, "--dro.kind", "erm")
     assert rho0.keys() == erm.keys() and all(torch.equal(rho0[k], erm[k]) for k in erm)
-    robust = run(script, tmp_path / "robust", *flags, "--dro.kind", "cvar", "--dro.rho", "0.5")
-    assert any(not torch.equal(robust[k], erm[k]) for k in erm)
 
 
-@pytest.mark.parametrize("script", ["dro_reward.py", "dro_dpo.py"])
+@pytest.mark.parametrize("script", ["dro_reward.py"])
 def test_ddp_with_lora_and_checkpointing_equals_one_process(tmp_path, script):
     """The global worst case with the memory savers on: 2 processes (gloo) give one process's weights."""
     flags = [*SMALL_RUN[script].split(), *SAVERS, "--dro.kind", "cvar", "--dro.rho", "0.5"]
@@ -257,18 +255,9 @@ def test_ddp_with_lora_and_checkpointing_equals_one_process(tmp_path, script):
         torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=2e-5)
 
 
-def test_ppo_under_torchrun_with_lora_and_checkpointing(tmp_path):
-    run("dro_ppo.py", tmp_path / "ddp", *SMALL_RUN["dro_ppo.py"].split(), *SAVERS, nproc=2)
-
-
-def test_ppo_refuses_lora_dropout(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "dro_ppo.py"), "--lora-r", "4", "--lora-dropout", "0.1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode != 0 and "--lora-dropout must be 0" in proc.stderr
+def test_ppo_refuses_lora_dropout():
+    with pytest.raises(ValueError, match="--lora-dropout must be 0"):
+        dro_ppo.Args(lora_r=4, lora_dropout=0.1)
 
 
 @pytest.mark.parametrize("after", ["A 7B model on one 80 GB GPU", "is refused for now."])
@@ -324,13 +313,14 @@ def test_fsdp_equals_one_process(tmp_path, script):
 
 
 def test_ppo_under_fsdp_runs_and_saves(tmp_path):
-    """PPO with --fsdp: the policy, critic and reference sharded, rollouts generated in step by every process."""
-    run("dro_ppo.py", tmp_path / "fsdp", *SMALL_RUN["dro_ppo.py"].split(), "--fsdp", "--save-every", "1", nproc=2)
+    """PPO with --fsdp and gradient checkpointing: the policy, critic and reference sharded, rollouts generated in
+    step by every process, a checkpoint and the model saved."""
+    flags = [*SMALL_RUN["dro_ppo.py"].split(), "--fsdp", "--gradient-checkpointing", "--save-every", "1"]
+    run("dro_ppo.py", tmp_path / "fsdp", *flags, nproc=2)
     assert os.path.exists(tmp_path / "fsdp" / "checkpoints" / "step-00000001" / "COMPLETE")
 
 
-def test_fsdp_with_lora_is_refused(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "dro_dpo.py"), "--fsdp", "--lora-r", "4"], cwd=ROOT, capture_output=True
-    )
-    assert proc.returncode != 0 and b"--fsdp with --lora-r" in proc.stderr
+def test_fsdp_with_lora_is_refused():
+    for script in (dro_reward, dro_dpo, dro_ppo):
+        with pytest.raises(ValueError, match="--fsdp with --lora-r"):
+            script.Args(fsdp=True, lora_r=4)
