@@ -318,8 +318,7 @@ if __name__ == "__main__":
         reference.to(device).eval().requires_grad_(False)
     else:  # a frozen copy of the starting policy; with LoRA the policy itself with its adapter switched off
         reference = common.reference_policy(model, args)
-    if not args.lora_r or args.ref_model:
-        reference = common.distribute(reference, args, distributed, frozen=True)
+    reference = common.distribute(reference, args, distributed, frozen=True)  # sharded with --fsdp
     ddp_model = common.distribute(model, args, distributed)  # DDP, or FSDP2 with --fsdp
     if rank == 0:
         print(

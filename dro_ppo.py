@@ -485,8 +485,7 @@ if __name__ == "__main__":
         model.eval()  # train() only for the PPO epochs, where it switches gradient checkpointing on
     reference = common.reference_policy(policy, args)  # a frozen copy; with LoRA the policy with its adapter off
     ddp_policy, ddp_critic = (common.distribute(m, args, distributed) for m in (policy, critic))  # DDP or FSDP2
-    if not args.lora_r:
-        reference = common.distribute(reference, args, distributed, frozen=True)
+    reference = common.distribute(reference, args, distributed, frozen=True)  # sharded with --fsdp
     if reward_model is not None:
         reward_model = common.distribute(reward_model, args, distributed, frozen=True)
     optimizer = torch.optim.AdamW(

@@ -47,6 +47,22 @@ def tiny_reward_model(tok):
     return model
 
 
+def train_step(model, data, idx, pad_id, dro, opt, scheduler, max_grad_norm):
+    """The body of dro_reward.py's training loop with one micro-batch on one process."""
+    losses, _, _ = dro_reward.pair_losses(model, data, idx, pad_id)
+    prompt_ids = torch.tensor([data["prompt_id"][i] for i in idx])
+    weights, _ = common.robust_prompt_weights(losses.detach(), prompt_ids, dro)
+    loss = (weights * losses).sum()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}")
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if torch.isfinite(grad_norm):
+        opt.step()
+    scheduler.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def vs_trl_ours(steps):
     """Pairs per second of dro_reward.py's loop body (ERM) after one warm-up step."""
     args = dro_reward.Args()
@@ -61,18 +77,7 @@ def vs_trl_ours(steps):
         if step == 0:
             t = time.perf_counter()
         idx = [((step + 1) * BATCH + i) % n for i in range(BATCH)]
-        losses, _, _ = dro_reward.pair_losses(model, data, idx, pad_id)
-        prompt_ids = torch.tensor([data["prompt_id"][i] for i in idx])
-        weights, _ = common.robust_prompt_weights(losses.detach(), prompt_ids, dro)
-        loss = (weights * losses).sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss.item()}")
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if torch.isfinite(grad_norm):
-            opt.step()
-        scheduler.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, data, idx, pad_id, dro, opt, scheduler, args.max_grad_norm)
     return steps * BATCH / (time.perf_counter() - t)
 
 
@@ -165,18 +170,7 @@ if __name__ == "__main__":
         for kind, rho in SETTINGS[rep % 5 :] + SETTINGS[: rep % 5]:  # rotate the order: no kind always runs first
             dro = common.DROArgs(kind, rho)
             t = time.perf_counter()
-            losses, chosen_rewards, rejected_rewards = dro_reward.pair_losses(model, data, idx, pad_id)
-            prompt_ids = torch.tensor([data["prompt_id"][i] for i in idx])
-            weights, _ = common.robust_prompt_weights(losses.detach(), prompt_ids, dro)
-            loss = (weights * losses).sum()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss.item()}")
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                opt.step()
-            scheduler.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, data, idx, pad_id, dro, opt, scheduler, args.max_grad_norm)
             if rep >= WARMUP:
                 times[(kind, rho)].append(time.perf_counter() - t)
     erm = statistics.median(times[("erm", 0.0)])

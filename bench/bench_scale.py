@@ -155,21 +155,13 @@ class Timed:
 
 
 def scale_config(tok):
-    from transformers import LlamaConfig
+    """common.tiny_config at 8 layers, hidden 512, 8 heads, intermediate 1376: 25.5M parameters."""
+    import common
 
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
+    config = common.tiny_config(tok, layers=8, hidden=512)
+    config.intermediate_size, config.num_attention_heads, config.num_key_value_heads = 1376, 8, 8
+    config.head_dim = 512 // 8  # (the config derived it from tiny_config's 4 heads)
+    return config
 
 
 def script_args(mode, **extra):

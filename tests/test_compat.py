@@ -105,6 +105,16 @@ def model_folder(tmp_path, arch, name, auto):
     return folder, tok, model
 
 
+def grown_unified_feedback(path, n):
+    """The Unified-Feedback fixture's first two rows repeated to n rows, each prompt made unique."""
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "tests", "fixtures", "unified_feedback.jsonl"))][:2]
+    with open(path, "w") as f:
+        for i in range(n):
+            row = json.loads(json.dumps(rows[i % 2]))
+            row["conv_A"][0]["content"] = row["conv_B"][0]["content"] = f"{row['conv_A'][0]['content']} ({i})"
+            f.write(json.dumps(row) + "\n")
+
+
 def pairs(tok, name):
     """Tokenized preference rows: conversational (rendered with the chat template) for the chat situation."""
     if name == "chat_template_eos_turns":
@@ -289,12 +299,7 @@ def test_the_readmes_paper_scale_commands_run_as_written(tmp_path):
     commands = [c for c in re.sub(r"\\\n\s*", "", block).splitlines() if c and not c.startswith("#")]
     assert len(commands) == 3
     fixtures = os.path.join(ROOT, "tests", "fixtures")
-    uf_rows = [json.loads(line) for line in open(os.path.join(fixtures, "unified_feedback.jsonl"))][:2]
-    with open(tmp_path / "uf.jsonl", "w") as f:
-        for i in range(600):
-            row = json.loads(json.dumps(uf_rows[i % 2]))
-            row["conv_A"][0]["content"] = row["conv_B"][0]["content"] = f"{row['conv_A'][0]['content']} ({i})"
-            f.write(json.dumps(row) + "\n")
+    grown_unified_feedback(tmp_path / "uf.jsonl", 600)
     policy, _, _ = model_folder(tmp_path, "qwen2", "chat_template_eos_turns", AutoModelForCausalLM)
     reward, _, _ = model_folder(tmp_path, "qwen2", "chat_template_eos_turns", AutoModelForSequenceClassification)
     names = {

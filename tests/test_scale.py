@@ -264,22 +264,16 @@ def test_ppo_refuses_lora_dropout():
 def test_the_readmes_7b_recipes_run_as_written(tmp_path, after):
     """The README's recipes for a 7B model (LoRA on one GPU; --fsdp on 8), run as written with a tiny Qwen2 stand-in,
     the fixtures for the hub datasets and 2 processes for 8 (one step): the saved weights load with the Auto classes."""
-    import json
     import re
 
-    from test_compat import model_folder
+    from test_compat import grown_unified_feedback, model_folder
 
     readme = open(os.path.join(ROOT, "README.md")).read()
     block = readme[readme.index(after) :]
     block = block[block.index("```bash") + len("```bash") : block.index("```", block.index("```bash") + 3)]
     (command,) = [c for c in re.sub(r"\\\n\s*", "", block).splitlines() if c.strip()]
     fixtures = os.path.join(ROOT, "tests", "fixtures")
-    rows = [json.loads(line) for line in open(os.path.join(fixtures, "unified_feedback.jsonl"))][:2]
-    with open(tmp_path / "uf.jsonl", "w") as f:
-        for i in range(128):
-            row = json.loads(json.dumps(rows[i % 2]))
-            row["conv_A"][0]["content"] = row["conv_B"][0]["content"] = f"{row['conv_A'][0]['content']} ({i})"
-            f.write(json.dumps(row) + "\n")
+    grown_unified_feedback(tmp_path / "uf.jsonl", 128)
     policy, _, _ = model_folder(tmp_path, "qwen2", "chat_template_eos_turns", AutoModelForCausalLM)
     for hub, local in {
         "Qwen/Qwen2.5-7B-Instruct": str(policy),
