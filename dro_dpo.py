@@ -10,9 +10,9 @@ minimises the loss under the worst prompt distribution near the uniform one:
 
     L(theta) = max_{q in Q_rho} sum_i q_i * l_i(theta),   Q_rho = {q in simplex_B : D(q || uniform) <= rho}.
 
-Its gradient is sum_i q*_i grad l_i with q* computed from the detached losses (`common.robust_weights`;
-D = total variation, chi-square, KL or CVaR); rho = 0 is plain DPO. Under torchrun the worst case is over
-the global batch. Everything else is the DPO you know.
+Its gradient is sum_i q*_i grad l_i with q* computed from the detached losses (`robust.robust_prompt_weights`
+in robust.py; D = total variation, chi-square, KL or CVaR); rho = 0 is plain DPO. Under torchrun the worst case
+is over the global batch. Everything else is the DPO you know.
 
     python dro_dpo.py                                  # embedded benchmark, robust default
     python dro_dpo.py --dro.kind tv --dro.rho 0.2
@@ -20,42 +20,32 @@ the global batch. Everything else is the DPO you know.
 """
 
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, get_scheduler
 
 import common
+import ingest
+import lifecycle
+import robust
 
 
 @dataclass
-class Args:
+class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory savers, checkpoints (lifecycle.py)
     # Experiment
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    track: bool = False
-    """if toggled, mirror the logs to Weights and Biases"""
-    wandb_project_name: str = "dro-rlhf"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of the wandb project"""
-    output_dir: Optional[str] = None
-    """where metrics.jsonl, TensorBoard logs and the model go (default: runs/<run_name>)"""
 
     # Data
     dataset: str = "synthetic"
-    """training data: "synthetic" (embedded), a `datasets` hub name, or a local json/jsonl/parquet file"""
+    """training data: "synthetic" (embedded), a `datasets` hub name, or a local file or folder (json, jsonl,
+    parquet, csv) or `save_to_disk` folder"""
     dataset_split: str = "train"
     """the split of --dataset to train on"""
     eval_datasets: tuple[str, ...] = ()
@@ -66,35 +56,12 @@ class Args:
     """use at most this many rows of each evaluation split"""
     max_length: int = 64
     """maximum tokens of prompt + response; longer rows are an error (or skipped with --skip-bad-rows)"""
-    skip_bad_rows: bool = False
-    """skip and count malformed or too long rows instead of stopping with an error"""
 
     # Model
     model_name_or_path: Optional[str] = None
     """a Hugging Face causal LM; default: a tiny Llama built from a config"""
     tokenizer_name_or_path: Optional[str] = None
     """the tokenizer, if not the model's own"""
-    attn_implementation: Optional[str] = None
-    """attention kernel for from_pretrained (sdpa, flash_attention_2, eager, ...); default: transformers' choice"""
-    trust_remote_code: bool = False
-    """allow models and tokenizers whose code lives in their hub repository"""
-    bf16: bool = False
-    """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32
-    (with LoRA the frozen weights are stored in bf16)"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass instead of storing them (less memory, slower)"""
-    lora_r: int = 0
-    """LoRA rank (0: train every weight); with LoRA the reference is the model with its adapter switched off"""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_r"""
-    lora_dropout: float = 0.0
-    """dropout on the LoRA branch"""
-    lora_target_modules: tuple[str, ...] = ()
-    """names of the modules that get an adapter (default: every linear layer except the output layer)"""
-    merge_lora: bool = False
-    """save the weights with the adapter merged in (they load with the Auto classes) instead of the adapter alone"""
-    fsdp: bool = False
-    """under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP"""
     ref_model: Optional[str] = None
     """the frozen reference pi_ref, if not the starting policy (e.g. the SFT model a trained policy came from)"""
     sft_steps: Optional[int] = None
@@ -104,7 +71,7 @@ class Args:
     """peak learning rate of the warm start (cosine decay to 0)"""
 
     # Algorithm
-    dro: common.DROArgs = field(default_factory=common.DROArgs)
+    dro: robust.DROArgs = field(default_factory=robust.DROArgs)
     """the ambiguity set over the prompts of a batch"""
     beta: float = 0.1
     """DPO temperature: strength of the implicit KL regularisation to the reference"""
@@ -129,7 +96,7 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
 
-    # Evaluation, logging and saving
+    # Evaluation and logging
     eval_every: int = 200
     """evaluate every this many steps (0: only at the start and the end)"""
     eval_batch_size: int = 256
@@ -139,44 +106,24 @@ class Args:
     max_new_tokens: int = 10
     """maximum new tokens of evaluation generations"""
     temperature: float = 1.0
-    """sampling temperature of evaluation generations"""
+    """sampling temperature of evaluation generations (their KL to the reference is taken at it too)"""
     log_every: int = 10
     """log training metrics every this many steps"""
-    save_model: bool = True
-    """save the trained policy and tokenizer to <output-dir>/model"""
-
-    # Checkpoints
-    save_every: int = 0
-    """save a checkpoint every this many steps (0: only when stopped by SIGTERM or SIGINT)"""
-    keep_checkpoints: int = 2
-    """keep the latest this many checkpoints"""
-    resume: bool = False
-    """continue the run in --output-dir from its latest complete checkpoint"""
-    resume_from: Optional[str] = None
-    """continue from this checkpoint folder (<output-dir>/checkpoints/step-<N>)"""
-    overwrite: bool = False
-    """replace a previous run in --output-dir (by default a folder that holds one is refused)"""
-    skip_nonfinite_steps: bool = False
-    """skip (and count) an optimizer step whose gradient is not finite instead of stopping the run"""
 
     # Filled in at run time
-    run_id: str = ""
-    """the run's name (computed at run time; a resumed run keeps the one it continues)"""
-    world_size: int = 1
-    """number of processes (computed at run time from torchrun)"""
     micro_batch_size: int = 0
     """pairs per forward and process (computed at run time)"""
 
     def __post_init__(self):
-        common.check_args(
+        super().__post_init__()
+        lifecycle.check_args(
             self,
             positive=(
-                "keep_checkpoints total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size "
-                "log_every max_length max_train_rows max_eval_rows max_grad_norm beta "
-                "sft_learning_rate max_new_tokens temperature lora_alpha"
+                "total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size log_every "
+                "max_length max_train_rows max_eval_rows max_grad_norm beta sft_learning_rate max_new_tokens "
+                "temperature"
             ),
-            non_negative="save_every weight_decay warmup_steps eval_every sft_steps eval_generations lora_r",
-            fraction="lora_dropout",
+            non_negative="weight_decay warmup_steps eval_every sft_steps eval_generations",
         )
 
 
@@ -221,14 +168,14 @@ def evaluate(model, reference, data, pad_id, beta, batch_size, where="evaluation
         correct += ((margin > 0).float() + 0.5 * (margin == 0).float()).tolist()
         margins += (chosen - rejected).tolist()
     model.train()
-    common.check_outputs(margins, "log-prob margin log pi(y_w|x) - log pi(y_l|x)", where)
+    lifecycle.check_outputs(margins, "log-prob margin log pi(y_w|x) - log pi(y_l|x)", where)
     return common.domain_report(correct, data["domain"])
 
 
 @torch.no_grad()
 def evaluate_generations(model, reference, tokenizer, prompts, domains, generation_config, batch_size) -> dict:
     """Sample a response per prompt; per-domain mean gold reward (embedded task) and the mean KL to the
-    reference on those samples (k3 estimate summed over the response tokens)."""
+    reference on those samples (k3 estimate summed over the response tokens, both at the sampling temperature)."""
     model.eval()
     gold, kl, end_id = [], [], common.end_token_id(tokenizer)
     for i in range(0, len(prompts), batch_size):
@@ -237,8 +184,8 @@ def evaluate_generations(model, reference, tokenizer, prompts, domains, generati
             model, prompt_ids, tokenizer.pad_token_id, end_id, generation_config
         )
         start = ids.shape[1] - responses.shape[1]
-        logps, _ = common.token_logprobs(model, ids, mask, start)
-        ref_logps, _ = common.token_logprobs(reference, ids, mask, start)
+        logps, _ = common.token_logprobs(model, ids, mask, start, generation_config.temperature)
+        ref_logps, _ = common.token_logprobs(reference, ids, mask, start, generation_config.temperature)
         kl += (common.kl_k3(logps, ref_logps) * response_mask).sum(-1).tolist()
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         gold += list(map(common.synthetic_gold_reward, prompts[i : i + batch_size], texts, domains[i : i + batch_size]))
@@ -247,61 +194,40 @@ def evaluate_generations(model, reference, tokenizer, prompts, domains, generati
 
 
 if __name__ == "__main__":
-    common.exit_cleanly_on_user_errors()
-    args = tyro.cli(Args)
-    distributed, rank, world, device = common.init_distributed()
-    evaluating = rank == 0 or args.fsdp  # with --fsdp every process takes part in each forward
-    args.world_size = world
-    if args.batch_size % (world * args.gradient_accumulation_steps):
+    args, run = lifecycle.start(Args)  # flags, torchrun, the output folder's previous run, seeding
+    per_step = run.world * args.gradient_accumulation_steps
+    if args.batch_size % per_step:
         raise common.ArgumentError(
-            f"--batch-size {args.batch_size} must be divisible by processes x accumulation "
-            f"steps = {world * args.gradient_accumulation_steps}"
+            f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {per_step}"
         )
-    args.micro_batch_size = args.batch_size // (world * args.gradient_accumulation_steps)
+    args.micro_batch_size = args.batch_size // per_step
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 1000
-    dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}{args.dro.rho}"
-    args.run_id = f"{dataset_name}__{args.exp_name}__{robust}__{args.seed}__{int(time.time())}"
-    if (args.resume or args.resume_from) and not args.output_dir:
-        raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
-    output_dir = args.output_dir or f"runs/{args.run_id}"
-    checkpoint = common.find_checkpoint(args, output_dir)  # None for a new run
 
-    # Seeding: the same model initialisation and batch order on every rank (each takes its own shard)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-    # Data
-    tokenizer = common.load_tokenizer(args)
+    # Data: preference pairs as token ids; global batches of row indices, epoch after epoch
+    tokenizer = lifecycle.load_tokenizer(args)
     pad_id = tokenizer.pad_token_id
     _, train = common.load_pairs(
         args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows, args.max_train_rows
     )
-    groups = common.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
-    # global batches, epoch after epoch
+    groups = robust.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
     batches = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed)
     eval_sets = {
         name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
-        for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()
+        for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
-
-    # Tracking (rank 0 only), once the inputs are checked
-    tracker = common.Tracker(args, output_dir, checkpoint) if rank == 0 else None
+    run.open_folder()  # once the inputs are checked
 
     # Model: any causal LM, or a tiny Llama built from a config; warm-started, it becomes the frozen reference
     if args.model_name_or_path:
-        model = common.load_model(AutoModelForCausalLM, args.model_name_or_path, args, tokenizer)
+        model = lifecycle.load_model(AutoModelForCausalLM, args.model_name_or_path, args, tokenizer)
     else:
         model = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     model.config.pad_token_id = pad_id
-    model.to(device)
-    if (
-        args.sft_steps and not checkpoint
-    ):  # imitate both responses of each pair, like a base model could have sampled them
+    model.to(run.device)
+    if args.sft_steps and not run.resuming:  # imitate both responses of each pair, as a base model might sample
         common.warm_start(
-            DDP(model) if distributed else model,
+            run.replicate(model),
             train["chosen"] + train["rejected"],
             train["prompt_len"] * 2,
             pad_id,
@@ -309,37 +235,28 @@ if __name__ == "__main__":
             2 * args.batch_size,
             args.sft_learning_rate,
             args.seed + 10_000,
-            rank,
-            world,
+            run.rank,
+            run.world,
         )
-    model = common.prepare_model(model, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
+    model = lifecycle.prepare_model(model, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
     if args.ref_model:
-        reference = common.load_model(AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model")
-        reference.to(device).eval().requires_grad_(False)
+        reference = lifecycle.load_model(AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model")
+        reference.to(run.device).eval().requires_grad_(False)
     else:  # a frozen copy of the starting policy; with LoRA the policy itself with its adapter switched off
-        reference = common.reference_policy(model, args)
-    reference = common.distribute(reference, args, distributed, frozen=True)  # sharded with --fsdp
-    ddp_model = common.distribute(model, args, distributed)  # DDP, or FSDP2 with --fsdp
-    if rank == 0:
-        print(
-            f"{args.run_id}: {len(train['chosen'])} training pairs, {sum(p.numel() for p in model.parameters()):,} "
-            f"parameters ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), "
-            f"{world} process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}"
-        )
+        reference = lifecycle.reference_policy(model, args)
+    reference = run.distribute(reference, frozen=True)  # sharded with --fsdp
+    parallel_model = run.distribute(model)  # DDP, FSDP2 with --fsdp, or the model itself in one process
+    run.print(
+        f"{args.run_id}: {len(train['chosen'])} training pairs, {lifecycle.parameter_counts(model)}, {run.world} "
+        f"process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}"
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.total_steps
     )
-    # Resuming: the checkpoint's weights, optimizer, scheduler and RNG states; the data order is replayed to its step
-    modules, start_step, skipped_steps = {"model": model, "reference": reference}, 0, 0
-    if args.lora_r:  # the reference is a view of the model (or --ref-model)
-        del modules["reference"]
-    if checkpoint:
-        state = common.load_checkpoint(checkpoint, modules, optimizer, scheduler, args, rank, world)
-        start_step, skipped_steps, groups = state["step"], state["extra"]["skipped_steps"], state["extra"]["groups"]
-        start_results = state["extra"]["start_results"]
-        for _ in range(start_step):
-            next(batches)
+    modules = {"model": model} if args.lora_r else {"model": model, "reference": reference}  # LoRA: a view
+    resumed = run.resume(modules, optimizer, scheduler, batches)  # a resumed run's state ({} for a new run)
+    groups, start_results = resumed.get("groups", groups), resumed.get("start_results")
     ref_logps = None
     if args.precompute_ref_logps:
         with torch.no_grad():
@@ -362,7 +279,7 @@ if __name__ == "__main__":
     def evaluate_all(step):
         results = {}
         for split, (rows, data) in eval_sets.items():
-            with common.autocast(args, device):
+            with lifecycle.autocast(args, run.device):
                 results[split] = evaluate(
                     model, reference, data, pad_id, args.beta, args.eval_batch_size, f"step {step}, {split}"
                 )
@@ -379,32 +296,24 @@ if __name__ == "__main__":
                             args.eval_batch_size,
                         )
                     )
-            if rank == 0:
-                tracker.eval(step, split, results[split])
+            run.log_eval(step, split, results[split])
         return results
 
-    if evaluating and not checkpoint:
+    if run.evaluating and not run.resuming:
         start_results = evaluate_all(0)
 
     # Training loop
-    stop, start = common.StopSignal(), time.time()
-    for step in tqdm(
-        range(start_step + 1, args.total_steps + 1),
-        initial=start_step,
-        total=args.total_steps,
-        disable=rank != 0,
-        desc="dpo",
-    ):
-        mine = common.shard(next(batches), rank, world)
-        micro_batches = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+    for step in run.steps(args.total_steps, "dpo"):
+        batch = common.shard(next(batches), run.rank, run.world)  # this process's share of the global batch
+        micro_batches = [batch[i : i + args.micro_batch_size] for i in range(0, len(batch), args.micro_batch_size)]
 
         # ROBUST: 1. The worst-case weights q* of the global batch, from detached per-pair losses. With one
         #    micro-batch they come from the training forward itself; with accumulation from a no-grad forward
         #    over all micro-batches first, so that every backward uses the weights of the whole batch.
-        with common.autocast(args, device):
+        with lifecycle.autocast(args, run.device):
             if len(micro_batches) == 1:
                 losses, chosen_rewards, rejected_rewards = pair_losses(
-                    ddp_model, reference, train, micro_batches[0], pad_id, args.beta, ref_logps
+                    parallel_model, reference, train, batch, pad_id, args.beta, ref_logps
                 )
                 detached = losses.detach()
             else:
@@ -415,40 +324,29 @@ if __name__ == "__main__":
                             for idx in micro_batches
                         ]
                     )
-        prompt_ids = torch.tensor([train["prompt_id"][i] for i in mine], device=device)
-        domains = [train["domain"][i] for i in mine]
-        weights, dro_stats = common.robust_prompt_weights(detached, prompt_ids, args.dro, groups, domains)
+        prompt_ids = torch.tensor([train["prompt_id"][i] for i in batch], device=run.device)
+        domains = [train["domain"][i] for i in batch]
+        weights, dro_stats = robust.robust_prompt_weights(detached, prompt_ids, args.dro, groups, domains)
 
         # ROBUST: 2. Backward of sum_i q*_i l_i (times the world size: DDP averages gradients over processes)
         for j, idx in enumerate(micro_batches):
             if len(micro_batches) > 1:
-                with common.autocast(args, device):
+                with lifecycle.autocast(args, run.device):
                     losses, chosen_rewards, rejected_rewards = pair_losses(
-                        ddp_model, reference, train, idx, pad_id, args.beta, ref_logps
+                        parallel_model, reference, train, idx, pad_id, args.beta, ref_logps
                     )
-            loss = (weights[j * args.micro_batch_size : (j + 1) * args.micro_batch_size] * losses).sum() * world
-            if not torch.isfinite(loss) and not args.skip_nonfinite_steps:
-                raise FloatingPointError(
-                    f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
-                    f"(--skip-nonfinite-steps skips such steps)"
-                )
-            with common.no_sync(ddp_model, skip=j < len(micro_batches) - 1):
+            loss = (weights[j * args.micro_batch_size : (j + 1) * args.micro_batch_size] * losses).sum() * run.world
+            run.stop_on_nonfinite_loss(loss, step)
+            with lifecycle.no_sync(parallel_model, skip=j < len(micro_batches) - 1):
                 loss.backward()
-        grad_norm = common.clip_gradients(model, args.max_grad_norm)
-        if torch.isfinite(grad_norm):  # the same on every rank: DDP averaged the gradients
+        grad_norm = lifecycle.clip_gradients(model, args.max_grad_norm)
+        if run.update_is_finite(step, grad_norm):  # else skipped (--skip-nonfinite-steps) or the run stops
             optimizer.step()
-        elif args.skip_nonfinite_steps:
-            skipped_steps += 1
-        else:
-            raise FloatingPointError(
-                f"step {step}: the gradient norm is {grad_norm.item()}; stopping before anything "
-                f"is saved (--skip-nonfinite-steps skips such steps)"
-            )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if rank == 0 and step % args.log_every == 0:
-            tracker.scalars(
+        if step % args.log_every == 0:
+            run.log(
                 {
                     **dro_stats,
                     "rewards/chosen": chosen_rewards.mean().item(),
@@ -457,28 +355,23 @@ if __name__ == "__main__":
                     "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
                     "charts/grad_norm": grad_norm.item(),
                     "charts/learning_rate": scheduler.get_last_lr()[0],
-                    "charts/skipped_steps": skipped_steps,
-                    "charts/pairs_per_second": (step - start_step) * args.batch_size / (time.time() - start),
+                    "charts/skipped_steps": run.skipped_steps,
+                    "charts/pairs_per_second": (step - run.start_step) * args.batch_size / (time.time() - run.started),
                 },
                 step,
             )
-        if evaluating and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+        if run.evaluation_due(step):
             evaluate_all(step)
-        if stop.requested() or (args.save_every and step % args.save_every == 0 and step < args.total_steps):
-            extra = {
-                "skipped_steps": skipped_steps,
-                "groups": groups,
-                "start_results": start_results if rank == 0 else None,
-            }
-            common.save_checkpoint(output_dir, step, modules, optimizer, scheduler, extra, args, rank, world)
-            if stop.signum:
-                stop.exit(output_dir, step)
+        extra = {"groups": groups, "start_results": start_results if run.rank == 0 else None}
+        run.checkpoint(step, modules, optimizer, scheduler, extra)  # when due, or on SIGTERM (then exit)
 
     # Final evaluation (rank 0; with --fsdp every process takes part) and save (rank 0 writes)
-    results = evaluate_all(args.total_steps) if evaluating else None
-    if rank == 0:
+    results = evaluate_all(args.total_steps) if run.evaluating else None
+    if run.rank == 0:
         if results:
-            print(f"\nimplicit-reward accuracy (%) after {args.total_steps} DPO steps, {time.time() - start:.0f} s:")
+            print(
+                f"\nimplicit-reward accuracy (%) after {args.total_steps} DPO steps, {time.time() - run.started:.0f} s:"
+            )
             common.print_table(results)
         for name, res in (
             ("the reference (step 0)", start_results),
@@ -489,9 +382,4 @@ if __name__ == "__main__":
                 print(f"\ngold reward of sampled responses, {name}:")
                 common.print_table(res, name="gold_reward")
                 print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in res.items()))
-    common.save_run(output_dir, args, model, tokenizer, args.total_steps, base_changed=bool(args.sft_steps))
-    if rank == 0:
-        tracker.close()
-    if distributed:  # every process leaves together: one exiting while another still writes can abort in gloo
-        dist.barrier()
-        dist.destroy_process_group()
+    run.finish(model, tokenizer, base_changed=bool(args.sft_steps))

@@ -10,7 +10,7 @@ distribution near uniform:
 How the minibatch algorithm realises it. Each PPO iteration samples a rollout batch of B prompts, K
 responses each. For prompt i, R_i is the mean over its K rollouts of the KL-regularised return
 (the score minus beta times the per-token KL estimates summed over the response). The worst-case
-weights q = common.robust_weights(-R_i) put more weight on the prompts on which the policy currently
+weights q = robust.robust_weights(-R_i) put more weight on the prompts on which the policy currently
 does worst; they are computed once per rollout batch (detached) and held fixed through its PPO epochs.
 By default (--weights-from loo) rollout j of prompt i is weighted by the worst case computed with R_i replaced
 by the mean of the prompt's *other* rollouts: the realised returns of the very rollouts the weights multiply
@@ -36,43 +36,34 @@ warm-started model is the reference policy, and the step-0 evaluation measures i
 
 import copy
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
 import common
+import ingest
+import lifecycle
+import robust
 
 
 @dataclass
-class Args:
+class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory savers, checkpoints (lifecycle.py)
     # Experiment
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    track: bool = False
-    """if toggled, mirror the logs to Weights and Biases"""
-    wandb_project_name: str = "dro-rlhf"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of the wandb project"""
-    output_dir: Optional[str] = None
-    """where metrics.jsonl, TensorBoard logs and the model go (default: runs/<run_name>)"""
 
     # Data
     dataset: str = "synthetic"
-    """prompts (and warm-start responses): "synthetic" (embedded), a `datasets` hub name, or a local file"""
+    """prompts (and warm-start responses): "synthetic" (embedded), a `datasets` hub name, or a local file or folder
+    (json, jsonl, parquet, csv) or `save_to_disk` folder"""
     dataset_split: str = "train"
     """the split of --dataset to train on"""
     eval_datasets: tuple[str, ...] = ()
@@ -83,35 +74,12 @@ class Args:
     """use at most this many prompts of each evaluation split"""
     max_prompt_length: int = 64
     """maximum prompt length in tokens; a longer prompt is an error (or skipped with --skip-bad-rows)"""
-    skip_bad_rows: bool = False
-    """skip and count malformed rows or too long prompts instead of stopping with an error"""
 
     # Model
     model_name_or_path: Optional[str] = None
     """a Hugging Face causal LM for the policy (and reference); default: a tiny Llama"""
     tokenizer_name_or_path: Optional[str] = None
     """the tokenizer, if not the model's own"""
-    attn_implementation: Optional[str] = None
-    """attention kernel for from_pretrained (sdpa, flash_attention_2, eager, ...); default: transformers' choice"""
-    trust_remote_code: bool = False
-    """allow models and tokenizers whose code lives in their hub repository"""
-    bf16: bool = False
-    """bf16 autocast for the forward passes; master weights, optimizer state, log-probs, losses and weights stay fp32
-    (with LoRA the frozen weights are stored in bf16)"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass instead of storing them (less memory, slower)"""
-    lora_r: int = 0
-    """LoRA rank (0: train every weight); with LoRA the reference is the model with its adapter switched off"""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapter's update is scaled by lora_alpha / lora_r"""
-    lora_dropout: float = 0.0
-    """dropout on the LoRA branch"""
-    lora_target_modules: tuple[str, ...] = ()
-    """names of the modules that get an adapter (default: every linear layer except the output layer)"""
-    merge_lora: bool = False
-    """save the weights with the adapter merged in (they load with the Auto classes) instead of the adapter alone"""
-    fsdp: bool = False
-    """under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP"""
     reward_model_path: Optional[str] = None
     """a sequence-classification reward model (e.g. <run>/model of dro_reward.py) with the policy's tokenizer;
     default: the gold reward, which exists for the embedded task's prompts"""
@@ -122,7 +90,7 @@ class Args:
     """peak learning rate of the warm start (cosine decay to 0)"""
 
     # Algorithm
-    dro: common.DROArgs = field(default_factory=lambda: common.DROArgs(kind="chi2", rho=2.0))
+    dro: robust.DROArgs = field(default_factory=lambda: robust.DROArgs(kind="chi2", rho=2.0))
     """the ambiguity set over the prompts of a rollout batch (chi2 2 and loo: chosen on validation, docs/results.md)"""
     weights_from: Literal["returns", "values", "loo"] = "loo"
     """a prompt's value for the worst case: its other rollouts' returns (loo), its own (returns), the critic's V(x)"""
@@ -163,51 +131,30 @@ class Args:
     temperature: float = 1.0
     """sampling temperature of rollouts (log-probabilities are computed at the same temperature)"""
 
-    # Evaluation, logging and saving
+    # Evaluation
     eval_every: int = 20
     """evaluate every this many PPO iterations (0: only at the start and the end)"""
     eval_batch_size: int = 200
     """prompts per evaluation generate"""
     eval_greedy: bool = False
     """evaluate greedy generations (default: sampled at --temperature, as the objective E_{y ~ pi}[r] is defined)"""
-    save_model: bool = True
-    """save the trained policy and tokenizer to <output-dir>/model"""
-
-    # Checkpoints
-    save_every: int = 0
-    """save a checkpoint every this many steps (0: only when stopped by SIGTERM or SIGINT)"""
-    keep_checkpoints: int = 2
-    """keep the latest this many checkpoints"""
-    resume: bool = False
-    """continue the run in --output-dir from its latest complete checkpoint"""
-    resume_from: Optional[str] = None
-    """continue from this checkpoint folder (<output-dir>/checkpoints/step-<N>)"""
-    overwrite: bool = False
-    """replace a previous run in --output-dir (by default a folder that holds one is refused)"""
-    skip_nonfinite_steps: bool = False
-    """skip (and count) an optimizer step whose gradient is not finite instead of stopping the run"""
 
     # Filled in at run time
-    run_id: str = ""
-    """the run's name (computed at run time; a resumed run keeps the one it continues)"""
-    world_size: int = 1
-    """number of processes (computed at run time from torchrun)"""
     local_batch_size: int = 0
     """rollouts per process and iteration: batch_size / world_size x samples_per_prompt (computed at run time)"""
     minibatch_size: int = 0
     """rollouts per PPO minibatch and process (computed at run time)"""
 
     def __post_init__(self):
-        common.check_args(
+        super().__post_init__()
+        lifecycle.check_args(
             self,
             positive=(
-                "keep_checkpoints total_steps batch_size samples_per_prompt num_ppo_epochs num_minibatches "
-                "learning_rate value_learning_rate max_grad_norm max_new_tokens temperature "
-                "eval_batch_size max_prompt_length max_train_rows max_eval_rows sft_learning_rate "
-                "cliprange cliprange_value gamma lora_alpha"
+                "total_steps batch_size samples_per_prompt num_ppo_epochs num_minibatches learning_rate "
+                "value_learning_rate max_grad_norm max_new_tokens temperature eval_batch_size max_prompt_length "
+                "max_train_rows max_eval_rows sft_learning_rate cliprange cliprange_value gamma"
             ),
-            non_negative="save_every kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps lora_r",
-            fraction="lora_dropout",
+            non_negative="kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps",
         )
         if self.lora_dropout:
             raise ValueError("--lora-dropout must be 0: PPO's ratio compares the policy with itself, dropout is off")
@@ -217,7 +164,7 @@ def load_prompts(source, split, tokenizer, max_prompt_length, skip_bad_rows=Fals
     """Tokenized prompts of a preference source, and its chosen responses (for the warm start). Prompts are never
     truncated: a longer one is an error naming the row, or skipped with --skip-bad-rows."""
     data, skipped = {"text": [], "ids": [], "chosen": [], "domain": []}, 0
-    for row in common.load_preferences(source, split, tokenizer, skip_bad_rows, max_rows):
+    for row in ingest.load_preferences(source, split, tokenizer, skip_bad_rows, max_rows):
         where = row["where"]
         ids = common.encode_prompt(tokenizer, row["prompt"], where)
         if len(ids) > max_prompt_length:
@@ -261,7 +208,7 @@ def cross_fitted_weights(losses, prompt_ids, dro, samples_per_prompt):
     for j in range(k):
         held_out = per_prompt.clone()
         held_out[:, j] = torch.cat([per_prompt[:, :j], per_prompt[:, j + 1 :]], 1).mean(1)
-        w, fold = common.robust_prompt_weights(held_out.flatten(), prompt_ids, dro)
+        w, fold = robust.robust_prompt_weights(held_out.flatten(), prompt_ids, dro)
         weights[:, j] = w.view(-1, k)[:, j]
         for name, value in fold.items():
             stats[name] = stats.get(name, 0.0) + value / k
@@ -368,8 +315,8 @@ def evaluate(
             gold += rollout_scores(tokenizer, None, *rollouts).tolist()
         if reward_model is not None:
             rm += rollout_scores(tokenizer, reward_model, *rollouts).tolist()
-    common.check_outputs(kls, "KL to the reference", where, must_vary=False)
-    common.check_outputs(rm, "reward-model score", where)
+    lifecycle.check_outputs(kls, "KL to the reference", where, must_vary=False)
+    lifecycle.check_outputs(rm, "reward-model score", where)
     report = {"kl": sum(kls) / len(kls)}
     if gold:
         report.update(common.domain_report(gold, data["domain"], "gold_reward"))
@@ -381,14 +328,10 @@ def evaluate(
 
 
 if __name__ == "__main__":
-    common.exit_cleanly_on_user_errors()
-    args = tyro.cli(Args)
-    distributed, rank, world, device = common.init_distributed()
-    evaluating = rank == 0 or args.fsdp  # with --fsdp every process takes part in each forward
-    args.world_size = world
-    if args.batch_size % world:
-        raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    args.local_batch_size = args.batch_size // world * args.samples_per_prompt
+    args, run = lifecycle.start(Args)  # flags, torchrun, the output folder's previous run, seeding
+    if args.batch_size % run.world:
+        raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
+    args.local_batch_size = args.batch_size // run.world * args.samples_per_prompt
     if args.local_batch_size % args.num_minibatches:
         raise common.ArgumentError(
             f"rollouts per process {args.local_batch_size} must be divisible by "
@@ -402,27 +345,15 @@ if __name__ == "__main__":
         )
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 1000
-    dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}{args.dro.rho}"
-    args.run_id = f"{dataset_name}__{args.exp_name}__{robust}__{args.seed}__{int(time.time())}"
-    if (args.resume or args.resume_from) and not args.output_dir:
-        raise common.ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
-    output_dir = args.output_dir or f"runs/{args.run_id}"
-    checkpoint = common.find_checkpoint(args, output_dir)  # None for a new run
 
-    # Seeding: the same model initialisation and prompt order on every rank (each takes its own shard)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-    # Data: prompts (their chosen responses only for the warm start)
-    tokenizer = common.load_tokenizer(args)
+    # Data: prompts (their chosen responses only for the warm start); global batches of prompts, epoch after epoch
+    tokenizer = lifecycle.load_tokenizer(args)
     pad_id, end_id = tokenizer.pad_token_id, common.end_token_id(tokenizer)
     train = load_prompts(
         args.dataset, args.dataset_split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_train_rows
     )
     if args.reward_model_path is not None:
-        common.check_model_path(args.reward_model_path, "--reward-model-path")
+        lifecycle.check_model_path(args.reward_model_path, "--reward-model-path")
     else:
         gold = map(common.has_gold_reward, train["text"], train["domain"])
         no_gold = next((i for i, has in enumerate(gold) if not has), None)
@@ -431,27 +362,24 @@ if __name__ == "__main__":
                 f"{args.dataset}: prompt {no_gold} is not one of the embedded datasets', so it has no gold "
                 f"reward: pass --reward-model-path"
             )
-    groups = common.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
-    # global batches, epoch after epoch
+    groups = robust.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
     batches = common.batch_indices(len(train["ids"]), args.batch_size, args.seed, "prompts")
     eval_sets = {
         name: load_prompts(source, split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_eval_rows)
-        for name, (source, split) in common.eval_sources(args.dataset, args.eval_datasets).items()
+        for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
-
-    # Tracking (rank 0 only), once the inputs are checked
-    tracker = common.Tracker(args, output_dir, checkpoint) if rank == 0 else None
+    run.open_folder()  # once the inputs are checked
 
     # Models: policy (warm-started, then frozen as the reference), value model, reward model
     if args.model_name_or_path:
-        policy = common.load_model(AutoModelForCausalLM, args.model_name_or_path, args, tokenizer)
+        policy = lifecycle.load_model(AutoModelForCausalLM, args.model_name_or_path, args, tokenizer)
     else:
         policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     policy.config.pad_token_id = pad_id
-    policy.to(device)
+    policy.to(run.device)
     reward_model = None
     if args.reward_model_path:
-        reward_model = common.load_model(
+        reward_model = lifecycle.load_model(
             AutoModelForSequenceClassification,
             args.reward_model_path,
             args,
@@ -460,34 +388,33 @@ if __name__ == "__main__":
             num_labels=1,
         )
         reward_model.config.pad_token_id = pad_id
-        reward_model.to(device).eval().requires_grad_(False)
-    start = time.time()
-    if args.sft_steps and not checkpoint:  # the tiny model cannot generate anything meaningful from a random init
-        prompt_lens = [len(p) for p in train["ids"]]
+        reward_model.to(run.device).eval().requires_grad_(False)
+    began = time.time()
+    if args.sft_steps and not run.resuming:  # the tiny model cannot generate anything meaningful from a random init
         common.warm_start(
-            DDP(policy) if distributed else policy,
+            run.replicate(policy),
             [p + c for p, c in zip(train["ids"], train["chosen"])],
-            prompt_lens,
+            [len(p) for p in train["ids"]],
             pad_id,
             args.sft_steps,
             args.batch_size,
             args.sft_learning_rate,
             args.seed + 10_000,
-            rank,
-            world,
-            tracker,
+            run.rank,
+            run.world,
+            run.tracker,
         )
-    critic = Critic(policy).to(device)
-    policy = common.prepare_model(policy, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
-    critic.backbone = common.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")  # its own adapter
+    critic = Critic(policy).to(run.device)
+    policy = lifecycle.prepare_model(policy, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
+    critic.backbone = lifecycle.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")  # its own adapter
     for model in (policy, critic):  # no dropout anywhere: the PPO ratio must compare the same function
-        common.disable_dropout(model)
+        lifecycle.disable_dropout(model)
         model.eval()  # train() only for the PPO epochs, where it switches gradient checkpointing on
-    reference = common.reference_policy(policy, args)  # a frozen copy; with LoRA the policy with its adapter off
-    ddp_policy, ddp_critic = (common.distribute(m, args, distributed) for m in (policy, critic))  # DDP or FSDP2
-    reference = common.distribute(reference, args, distributed, frozen=True)  # sharded with --fsdp
+    reference = lifecycle.reference_policy(policy, args)  # a frozen copy; with LoRA the policy with its adapter off
+    parallel_policy, parallel_critic = run.distribute(policy), run.distribute(critic)  # DDP, FSDP2, or themselves
+    reference = run.distribute(reference, frozen=True)  # sharded with --fsdp
     if reward_model is not None:
-        reward_model = common.distribute(reward_model, args, distributed, frozen=True)
+        reward_model = run.distribute(reward_model, frozen=True)
     optimizer = torch.optim.AdamW(
         [
             {"params": policy.parameters(), "lr": args.learning_rate},
@@ -508,19 +435,15 @@ if __name__ == "__main__":
         if args.eval_greedy
         else generation_config
     )
-    if rank == 0:
-        print(
-            f"{args.run_id}: {len(train['ids'])} training prompts, "
-            f"{sum(p.numel() for p in policy.parameters()):,} policy parameters "
-            f"({sum(p.numel() for m in (policy, critic) for p in m.parameters() if p.requires_grad):,} trained "
-            f"with the critic's), "
-            f"reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "
-            f"({time.time() - start:.0f} s), {world} process(es) x {args.batch_size // world} prompts x "
-            f"{args.samples_per_prompt} samples per rollout batch"
-        )
+    run.print(
+        f"{args.run_id}: {len(train['ids'])} training prompts, policy: {lifecycle.parameter_counts(policy, critic)} "
+        f"with the critic's, reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "
+        f"({time.time() - began:.0f} s), {run.world} process(es) x {args.batch_size // run.world} prompts x "
+        f"{args.samples_per_prompt} samples per rollout batch"
+    )
 
     def evaluate_all(step):
-        with common.autocast(args, device):
+        with lifecycle.autocast(args, run.device):
             results = {
                 split: evaluate(
                     policy,
@@ -536,45 +459,31 @@ if __name__ == "__main__":
                 for split, data in eval_sets.items()
             }
         for split, report in results.items():
-            if rank == 0:
-                tracker.eval(step, split, report)
+            run.log_eval(step, split, report)
         return results
 
-    if evaluating and not checkpoint:
+    if run.evaluating and not run.resuming:
         start_results = evaluate_all(0)
-    torch.manual_seed(args.seed + rank)  # the prompt order is the same on all ranks, the sampling differs per rank
-
-    # Resuming: the checkpoint's weights, optimizer and RNG states; the prompt order is replayed to its step
-    modules, start_step, skipped_steps = {"policy": policy, "critic": critic, "reference": reference}, 0, 0
-    if args.lora_r:  # the reference is a view of the policy
-        del modules["reference"]
-    generation_seconds = update_seconds = 0.0
-    if checkpoint:
-        state = common.load_checkpoint(checkpoint, modules, optimizer, None, args, rank, world)
-        start_step, extra = state["step"], state["extra"]
-        skipped_steps, groups, start_results = extra["skipped_steps"], extra["groups"], extra["start_results"]
-        generation_seconds, update_seconds = extra["generation_seconds"], extra["update_seconds"]
-        for _ in range(start_step):
-            next(batches)
+    torch.manual_seed(args.seed + run.rank)  # the prompt order is the same on all ranks, the sampling differs per rank
+    modules = {"policy": policy, "critic": critic}
+    if not args.lora_r:  # with LoRA the reference is a view of the policy
+        modules["reference"] = reference
+    resumed = run.resume(modules, optimizer, None, batches)  # a resumed run's state ({} for a new run)
+    if resumed:
+        groups, start_results = resumed["groups"], resumed["start_results"]
+    generation_seconds, update_seconds = resumed.get("generation_seconds", 0.0), resumed.get("update_seconds", 0.0)
 
     # Training loop
-    stop = common.StopSignal()
-    for step in tqdm(
-        range(start_step + 1, args.total_steps + 1),
-        initial=start_step,
-        total=args.total_steps,
-        disable=rank != 0,
-        desc="ppo",
-    ):
-        mine = common.shard(next(batches), rank, world)
-        rollout_prompts = [i for i in mine for _ in range(args.samples_per_prompt)]
-        prompt_ids = (rank * len(mine) + torch.arange(len(mine), device=device)).repeat_interleave(
+    for step in run.steps(args.total_steps, "ppo"):
+        batch = common.shard(next(batches), run.rank, run.world)  # this process's share of the global batch
+        rollout_prompts = [i for i in batch for _ in range(args.samples_per_prompt)]
+        prompt_ids = (run.rank * len(batch) + torch.arange(len(batch), device=run.device)).repeat_interleave(
             args.samples_per_prompt
         )
 
         # 1. Rollouts, scores, per-token rewards (KL penalty + score at the last response token), GAE
         t0 = time.time()
-        with torch.no_grad(), common.autocast(args, device):
+        with torch.no_grad(), lifecycle.autocast(args, run.device):
             ids, mask, responses, response_mask, ended = common.generate(
                 policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
             )
@@ -608,7 +517,7 @@ if __name__ == "__main__":
                 weights, dro_stats = cross_fitted_weights(-prompt_values, prompt_ids, args.dro, args.samples_per_prompt)
             else:
                 domains = [train["domain"][i] for i in rollout_prompts]
-                weights, dro_stats = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro, groups, domains)
+                weights, dro_stats = robust.robust_prompt_weights(-prompt_values, prompt_ids, args.dro, groups, domains)
         generation_seconds += time.time() - t0
 
         # 3. PPO epochs over minibatches. ROBUST: each minibatch's weights are scaled by N / M so that uniform
@@ -617,12 +526,12 @@ if __name__ == "__main__":
         t0 = time.time()
         policy.train(), critic.train()
         for _ in range(args.num_ppo_epochs):
-            for mb in torch.randperm(args.local_batch_size, device=device).split(args.minibatch_size):
-                with common.autocast(args, device):
+            for mb in torch.randperm(args.local_batch_size, device=run.device).split(args.minibatch_size):
+                with lifecycle.autocast(args, run.device):
                     new_logprobs, _ = common.token_logprobs(
-                        ddp_policy, ids[mb], mask[mb], context_len, args.temperature
+                        parallel_policy, ids[mb], mask[mb], context_len, args.temperature
                     )
-                    new_values = ddp_critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
+                    new_values = parallel_critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
                 pg_loss, vf_loss, ppo_stats = ppo_loss(
                     new_logprobs,
                     logprobs[mb],
@@ -631,77 +540,61 @@ if __name__ == "__main__":
                     values[mb],
                     returns[mb],
                     response_mask[mb],
-                    weights[mb] * world * args.local_batch_size / len(mb),
+                    weights[mb] * run.world * args.local_batch_size / len(mb),
                     args.cliprange,
                     args.cliprange_value,
                     args.max_new_tokens,
                 )
                 loss = pg_loss + args.vf_coef * vf_loss
-                if not torch.isfinite(loss) and not args.skip_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"step {step}: the loss is {loss.item()}; stopping before anything is saved "
-                        f"(--skip-nonfinite-steps skips such steps)"
-                    )
+                run.stop_on_nonfinite_loss(loss, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = common.clip_gradients(policy, args.max_grad_norm)
-                value_grad_norm = common.clip_gradients(critic, args.max_grad_norm)
-                if torch.isfinite(grad_norm) and torch.isfinite(value_grad_norm):  # the same on every rank
+                grad_norm = lifecycle.clip_gradients(policy, args.max_grad_norm)
+                value_grad_norm = lifecycle.clip_gradients(critic, args.max_grad_norm)
+                if run.update_is_finite(step, grad_norm, value_grad_norm):  # else skipped, or the run stops
                     optimizer.step()
-                elif args.skip_nonfinite_steps:
-                    skipped_steps += 1
-                else:
-                    raise FloatingPointError(
-                        f"step {step}: the gradient norm is not finite; stopping before anything "
-                        f"is saved (--skip-nonfinite-steps skips such steps)"
-                    )
         policy.eval(), critic.eval()
         update_seconds += time.time() - t0
 
         # Logging: objective/ (the RLHF objective), losses/ (last minibatch), charts/ (progress), dro/
-        if rank == 0:
-            tracker.scalars(
-                {
-                    **dro_stats,
-                    **ppo_stats,
-                    "objective/score": scores.mean().item(),
-                    "objective/kl": kl.sum(1).mean().item(),
-                    "objective/entropy": entropy.item(),
-                    "objective/rlhf_reward": rewards.sum(1).mean().item(),
-                    "losses/policy_loss": pg_loss.item(),
-                    "losses/value_loss": vf_loss.item(),
-                    "charts/grad_norm": grad_norm.item(),
-                    "charts/skipped_steps": skipped_steps,
-                    "charts/response_length": response_mask.sum(1).float().mean().item(),
-                    "charts/eos_fraction": ended.float().mean().item(),
-                    "charts/episodes": step * args.local_batch_size * world,
-                    "charts/generation_seconds": generation_seconds,
-                    "charts/update_seconds": update_seconds,
-                    # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
-                    "dro/weighted_advantage": world
-                    * (weights * masked_mean(advantages, response_mask, dim=1)).sum().item(),
-                },
-                step,
-            )
-        if evaluating and args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+        run.log(
+            {
+                **dro_stats,
+                **ppo_stats,
+                "objective/score": scores.mean().item(),
+                "objective/kl": kl.sum(1).mean().item(),
+                "objective/entropy": entropy.item(),
+                "objective/rlhf_reward": rewards.sum(1).mean().item(),
+                "losses/policy_loss": pg_loss.item(),
+                "losses/value_loss": vf_loss.item(),
+                "charts/grad_norm": grad_norm.item(),
+                "charts/skipped_steps": run.skipped_steps,
+                "charts/response_length": response_mask.sum(1).float().mean().item(),
+                "charts/eos_fraction": ended.float().mean().item(),
+                "charts/episodes": step * args.local_batch_size * run.world,
+                "charts/generation_seconds": generation_seconds,
+                "charts/update_seconds": update_seconds,
+                # mean whitened advantage of the rollouts under q (about 0 for ERM); < 0: q picks unlucky rollouts
+                "dro/weighted_advantage": run.world
+                * (weights * masked_mean(advantages, response_mask, dim=1)).sum().item(),
+            },
+            step,
+        )
+        if run.evaluation_due(step):
             evaluate_all(step)
-        if stop.requested() or (args.save_every and step % args.save_every == 0 and step < args.total_steps):
-            extra = {
-                "skipped_steps": skipped_steps,
-                "groups": groups,
-                "start_results": start_results if rank == 0 else None,
-                "generation_seconds": generation_seconds,
-                "update_seconds": update_seconds,
-            }
-            common.save_checkpoint(output_dir, step, modules, optimizer, None, extra, args, rank, world)
-            if stop.signum:
-                stop.exit(output_dir, step)
+        extra = {
+            "groups": groups,
+            "start_results": start_results if run.rank == 0 else None,
+            "generation_seconds": generation_seconds,
+            "update_seconds": update_seconds,
+        }
+        run.checkpoint(step, modules, optimizer, None, extra)  # when due, or on SIGTERM (then exit)
 
     # Final evaluation (rank 0; with --fsdp every process takes part) and save (rank 0 writes)
-    results = evaluate_all(args.total_steps) if evaluating else None
-    if rank == 0:
+    results = evaluate_all(args.total_steps) if run.evaluating else None
+    if run.rank == 0:
         print(
-            f"\n{args.total_steps} PPO iterations, {time.time() - start:.0f} s in all "
+            f"\n{args.total_steps} PPO iterations, {time.time() - began:.0f} s in all "
             f"(rollouts {generation_seconds:.0f} s, updates {update_seconds:.0f} s)"
         )
         for name in ("gold_reward", "reward_model_score"):
@@ -715,9 +608,4 @@ if __name__ == "__main__":
                     common.print_table(res, name=name)
         if results:
             print("KL to the reference: " + ", ".join(f"{s} {r['kl']:.3f}" for s, r in results.items()))
-    common.save_run(output_dir, args, policy, tokenizer, args.total_steps, base_changed=bool(args.sft_steps))
-    if rank == 0:
-        tracker.close()
-    if distributed:  # every process leaves together: one exiting while another still writes can abort in gloo
-        dist.barrier()
-        dist.destroy_process_group()
+    run.finish(policy, tokenizer, base_changed=bool(args.sft_steps))

@@ -4,7 +4,7 @@
 
 Same tiny Llama (same initial weights), same 1,280 synthetic pairs, batch 64, fp32, the reference model in
 memory, AdamW at the same constant learning rate, gradients clipped at norm 1 (both trainers' default), on the
-CPU; ours is the body of dro_dpo.py's training loop (`dro_dpo.pair_losses`, `common.robust_prompt_weights`).
+CPU; ours is the body of dro_dpo.py's training loop (`dro_dpo.pair_losses`, `robust.robust_prompt_weights`).
 Each measurement runs in a fresh subprocess, ours and TRL's alternating (3 rounds), so machine noise hits both
 alike. Reported: training pairs per second (median over rounds; TRL's own train_runtime, data already
 tokenized) and the growth of the peak resident memory during training, counted from after one warm-up step for
@@ -36,10 +36,11 @@ def setup():
     from transformers import AutoModelForCausalLM
 
     import common
+    import ingest
 
     torch.manual_seed(0)
     tok = common.tiny_tokenizer()
-    rows = common.load_preferences("synthetic", "train", tok, max_rows=STEPS * BATCH // 2)
+    rows = ingest.load_preferences("synthetic", "train", tok, max_rows=STEPS * BATCH // 2)
     policy = AutoModelForCausalLM.from_config(common.tiny_config(tok))
     ref = AutoModelForCausalLM.from_config(common.tiny_config(tok))
     ref.load_state_dict(policy.state_dict())
@@ -50,13 +51,14 @@ def setup():
 
 def ours(kind="erm", rho=0.0):
     """The body of dro_dpo.py's training loop with one micro-batch on one process: `dro_dpo.pair_losses` (the
-    reference's no-grad forward first, then the policy's), `common.robust_prompt_weights` over the batch's prompt
+    reference's no-grad forward first, then the policy's), `robust.robust_prompt_weights` over the batch's prompt
     ids, backward of sum_i q_i l_i, clipping at --max-grad-norm, the finiteness check, AdamW and the scheduler
     (constant here, as TRL's)."""
     import torch
     from transformers import get_scheduler
 
     import common
+    import robust
     from dro_dpo import pair_losses
 
     tok, rows, policy, ref = setup()
@@ -64,7 +66,7 @@ def ours(kind="erm", rho=0.0):
     pad_id = tok.pad_token_id
     opt = torch.optim.AdamW(policy.parameters(), lr=LR)
     scheduler = get_scheduler("constant", opt)
-    n, dro = len(data["chosen"]), common.DROArgs(kind, rho)
+    n, dro = len(data["chosen"]), robust.DROArgs(kind, rho)
     base, t = None, None
     for step in range(-1, STEPS):  # step -1 warms up; memory and time count from step 0
         if step == 0:
@@ -72,7 +74,7 @@ def ours(kind="erm", rho=0.0):
         idx = [(step * BATCH + i) % n for i in range(BATCH)]
         losses, _, _ = pair_losses(policy, ref, data, idx, pad_id, BETA)
         prompt_ids = torch.tensor([data["prompt_id"][i] for i in idx])
-        weights, _ = common.robust_prompt_weights(losses.detach(), prompt_ids, dro)
+        weights, _ = robust.robust_prompt_weights(losses.detach(), prompt_ids, dro)
         loss = (weights * losses).sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: the loss is {loss.item()}")

@@ -8,7 +8,7 @@ alternately, ERM then robust, in one process, so that machine load affects both 
 body of dro_ppo.py's training loop on one process, step by step, at the script's defaults (`dro_ppo.Args`):
 `common.generate` (sampling, cut at the end token), the policy and reference log-probs (`common.token_logprobs`),
 the entropy, the values, the gold scores (`dro_ppo.rollout_scores`) minus the missing-EOS penalty, the k3 KL
-penalty, GAE, the whitening, the worst-case prompt weights (`common.robust_prompt_weights`; ERM: uniform), then
+penalty, GAE, the whitening, the worst-case prompt weights (`robust.robust_prompt_weights`; ERM: uniform), then
 the PPO epochs over minibatches with both gradient clips and the finiteness checks. Only the logging is left
 out. The policy is not warm-started (a random tiny Llama). Prints the median time of each part and the
 robust/ERM ratio of the whole iteration (target <= 1.02).
@@ -30,6 +30,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
 import common  # noqa: E402
 import dro_ppo  # noqa: E402
+import lifecycle  # noqa: E402
+import robust  # noqa: E402
 from dro_ppo import cross_fitted_weights, gae, masked_mean, masked_whiten, ppo_loss, rollout_scores  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -62,7 +64,7 @@ def iteration(s, train, mine, args, tok, generation_config):
 
     # 1. Rollouts, scores, per-token rewards (KL penalty + score at the last response token), GAE
     t0 = time.perf_counter()
-    with torch.no_grad(), common.autocast(args, DEVICE):
+    with torch.no_grad(), lifecycle.autocast(args, DEVICE):
         ids, mask, responses, response_mask, ended = common.generate(
             policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
         )
@@ -94,14 +96,14 @@ def iteration(s, train, mine, args, tok, generation_config):
         if args.weights_from == "loo":
             weights, _ = cross_fitted_weights(-prompt_values, prompt_ids, args.dro, args.samples_per_prompt)
         else:
-            weights, _ = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
+            weights, _ = robust.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
     t2 = time.perf_counter()
 
     # 3. PPO epochs over minibatches, weights scaled by N / M (and the world size); train() as in dro_ppo.py
     policy.train(), critic.train()
     for _epoch in range(args.num_ppo_epochs):
         for mb in torch.randperm(args.local_batch_size, device=DEVICE).split(args.minibatch_size):
-            with common.autocast(args, DEVICE):
+            with lifecycle.autocast(args, DEVICE):
                 new_logprobs, _ = common.token_logprobs(policy, ids[mb], mask[mb], context_len, args.temperature)
                 new_values = critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
             pg_loss, vf_loss, _ = ppo_loss(
@@ -161,8 +163,8 @@ if __name__ == "__main__":
         )
     base.minibatch_size = base.local_batch_size // base.num_minibatches
     settings = {
-        "erm": dataclasses.replace(base, dro=common.DROArgs(kind="erm", rho=0.0)),
-        "robust": dataclasses.replace(base, dro=common.DROArgs(kind=a.kind, rho=a.rho)),
+        "erm": dataclasses.replace(base, dro=robust.DROArgs(kind="erm", rho=0.0)),
+        "robust": dataclasses.replace(base, dro=robust.DROArgs(kind=a.kind, rho=a.rho)),
     }
 
     tok = common.tiny_tokenizer()

@@ -4,14 +4,14 @@
 
 1. Step time of the tiny reward model at batch 64 for every kind against ERM. A step is the body of
    dro_reward.py's training loop with one micro-batch: `dro_reward.pair_losses` (chosen and rejected in one
-   forward), `common.robust_prompt_weights` over the batch's prompt ids, backward of sum_i q_i l_i, gradient
+   forward), `robust.robust_prompt_weights` over the batch's prompt ids, backward of sum_i q_i l_i, gradient
    clipping, the finiteness check, AdamW and the scheduler, at the script's defaults. Kinds are interleaved step
    by step in a rotating order, so machine noise hits all alike; we report the ratio of medians (target <= 1.02)
    and the time of the weights alone.
-2. `common.robust_weights` on 1e6 losses for every kind (target < 0.1 s).
+2. `robust.robust_weights` on 1e6 losses for every kind (target < 0.1 s).
 3. dro_reward.py against TRL's RewardTrainer (target: ours >= 1.3x), side by side like bench/bench_dpo.py: the
    same tiny reward model (same initial weights), the same embedded synthetic pairs
-   (`common.load_preferences("synthetic", "train", ...)`), batch 64, fp32, AdamW at the same learning rate and
+   (`ingest.load_preferences("synthetic", "train", ...)`), batch 64, fp32, AdamW at the same learning rate and
    weight decay, a constant schedule, clipping at 1, on the CPU; ours is the loop body of 1. at rho = 0. Each
    measurement runs in a fresh subprocess, ours and TRL's alternating, 3 rounds; after one warm-up step the clock
    runs to the end of the last step, data loading and collation included (for TRL from a callback at the end of
@@ -34,6 +34,8 @@ from transformers import AutoModelForSequenceClassification, get_scheduler
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import dro_reward  # noqa: E402
+import ingest  # noqa: E402
+import robust  # noqa: E402
 
 SETTINGS = [("erm", 0.0), ("tv", 0.2), ("chi2", 0.5), ("kl", 0.5), ("cvar", 1.0)]
 BATCH, BATCHES, REPS, WARMUP = 64, 20, 60, 10
@@ -51,7 +53,7 @@ def train_step(model, data, idx, pad_id, dro, opt, scheduler, max_grad_norm):
     """The body of dro_reward.py's training loop with one micro-batch on one process."""
     losses, _, _ = dro_reward.pair_losses(model, data, idx, pad_id)
     prompt_ids = torch.tensor([data["prompt_id"][i] for i in idx])
-    weights, _ = common.robust_prompt_weights(losses.detach(), prompt_ids, dro)
+    weights, _ = robust.robust_prompt_weights(losses.detach(), prompt_ids, dro)
     loss = (weights * losses).sum()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss.item()}")
@@ -67,12 +69,12 @@ def vs_trl_ours(steps):
     """Pairs per second of dro_reward.py's loop body (ERM) after one warm-up step."""
     args = dro_reward.Args()
     tok = common.tiny_tokenizer()
-    rows = common.load_preferences("synthetic", "train", tok, max_rows=(steps + 1) * BATCH)
+    rows = ingest.load_preferences("synthetic", "train", tok, max_rows=(steps + 1) * BATCH)
     data = common.tokenize_preferences(rows, tok, args.max_length, "synthetic")
     model = tiny_reward_model(tok)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler("constant", opt)
-    dro, pad_id, n = common.DROArgs("erm", 0.0), tok.pad_token_id, len(data["chosen"])
+    dro, pad_id, n = robust.DROArgs("erm", 0.0), tok.pad_token_id, len(data["chosen"])
     for step in range(-1, steps):
         if step == 0:
             t = time.perf_counter()
@@ -88,7 +90,7 @@ def vs_trl_trl(steps):
 
     args = dro_reward.Args()
     tok = common.tiny_tokenizer()
-    rows = common.load_preferences("synthetic", "train", tok, max_rows=(steps + 1) * BATCH)
+    rows = ingest.load_preferences("synthetic", "train", tok, max_rows=(steps + 1) * BATCH)
     rows = rows.select_columns(["prompt", "chosen", "rejected"])
     model = tiny_reward_model(tok)
     clock = {}
@@ -168,7 +170,7 @@ if __name__ == "__main__":
         b = rep % BATCHES
         idx = list(range(BATCH * b, BATCH * (b + 1)))
         for kind, rho in SETTINGS[rep % 5 :] + SETTINGS[: rep % 5]:  # rotate the order: no kind always runs first
-            dro = common.DROArgs(kind, rho)
+            dro = robust.DROArgs(kind, rho)
             t = time.perf_counter()
             train_step(model, data, idx, pad_id, dro, opt, scheduler, args.max_grad_norm)
             if rep >= WARMUP:
@@ -184,7 +186,7 @@ if __name__ == "__main__":
     for (kind, rho), ts in times.items():
         t = time.perf_counter()
         for _ in range(200):
-            common.robust_prompt_weights(losses, prompt_ids, common.DROArgs(kind, rho))
+            robust.robust_prompt_weights(losses, prompt_ids, robust.DROArgs(kind, rho))
         weights_ms = (time.perf_counter() - t) / 200 * 1000
         step_s = statistics.median(ts)
         print(f"| {kind} | {rho} | {1000 * step_s:.1f} | {step_s / erm:.3f} | {weights_ms:.2f} |")
@@ -195,7 +197,7 @@ if __name__ == "__main__":
         runs = []
         for _ in range(5):
             t = time.perf_counter()
-            common.robust_weights(losses, kind, rho)
+            robust.robust_weights(losses, kind, rho)
             runs.append(time.perf_counter() - t)
         print(f"| {kind} | {rho} | {min(runs):.4f} |")
 

@@ -9,8 +9,9 @@ data. Modes: fp32; bf16 (autocast, fp32 master weights); gradient checkpointing 
 alpha=32, dropout 0 on every linear layer but the output one, the reference = the model with its adapter off.
 
 (a) DPO, batch --batch pairs, AdamW lr 1e-4, clipping at 1, beta 0.1, max length 64. Ours: the body of dro_dpo.py's
-training loop (`dro_dpo.pair_losses` under `common.autocast`, `common.robust_prompt_weights`, backward, clip,
-AdamW, scheduler) with the model built as dro_dpo.py builds it (`common.prepare_model`, `common.reference_policy`).
+training loop (`dro_dpo.pair_losses` under `lifecycle.autocast`, `robust.robust_prompt_weights`, backward, clip,
+AdamW, scheduler) with the model built as dro_dpo.py builds it (`lifecycle.prepare_model`,
+`lifecycle.reference_policy`).
 TRL: DPOTrainer with the same options (bf16=True / gradient_checkpointing=True / peft_config=LoraConfig and
 ref_model=None; for the full-model modes a frozen copy as ref_model, as TRL only runs offline with one).
 (b) PPO: ours = one iteration of dro_ppo.py's loop (as in bench/bench_ppo.py, plus the train()/eval() switches
@@ -136,7 +137,7 @@ class Clock:
 
 
 class Timed:
-    """A callable (the LoRA reference `common.WithoutAdapter`) whose calls are timed as `name`."""
+    """A callable (the LoRA reference `lifecycle.WithoutAdapter`) whose calls are timed as `name`."""
 
     def __init__(self, inner, clock, name):
         self.inner, self.clock, self.name = inner, clock, name
@@ -165,7 +166,7 @@ def scale_config(tok):
 
 
 def script_args(mode, **extra):
-    """The scripts' option fields for a mode (what common.prepare_model / reference_policy / autocast read)."""
+    """The scripts' option fields for a mode (what lifecycle.prepare_model / reference_policy / autocast read)."""
     return types.SimpleNamespace(
         bf16=mode == "bf16",
         gradient_checkpointing=mode == "gc",
@@ -273,9 +274,9 @@ def timed_trainer(cls, clock):
 
 
 def dpo_rows(tok, steps, batch):
-    import common
+    import ingest
 
-    return common.load_preferences("synthetic", "train", tok, max_rows=(steps + 2) * batch)
+    return ingest.load_preferences("synthetic", "train", tok, max_rows=(steps + 2) * batch)
 
 
 def dpo_ours(mode, steps, batch, device):
@@ -283,6 +284,8 @@ def dpo_ours(mode, steps, batch, device):
     from transformers import get_scheduler
 
     import common
+    import lifecycle
+    import robust
     from dro_dpo import pair_losses
 
     tok = common.tiny_tokenizer()
@@ -292,8 +295,8 @@ def dpo_ours(mode, steps, batch, device):
     args = script_args(mode)
     model = new_model(tok, device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = common.prepare_model(model, args, "CAUSAL_LM")  # as dro_dpo.py: checkpointing, LoRA
-    reference = common.reference_policy(model, args)
+    model = lifecycle.prepare_model(model, args, "CAUSAL_LM")  # as dro_dpo.py: checkpointing, LoRA
+    reference = lifecycle.reference_policy(model, args)
     model.train()
     clock.hook(model)  # with LoRA this also times the reference: the same module, under no_grad
     if not args.lora_r:
@@ -301,7 +304,7 @@ def dpo_ours(mode, steps, batch, device):
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     scheduler = get_scheduler("constant", opt)
-    dro, pad_id, n = common.DROArgs("erm", 0.0), tok.pad_token_id, len(data["chosen"])
+    dro, pad_id, n = robust.DROArgs("erm", 0.0), tok.pad_token_id, len(data["chosen"])
     for step in range(-1, steps + 1):  # step -1 warms up, step `steps` measures the memory
         if step == 0:
             clock.timing, start = True, clock.now()
@@ -309,10 +312,10 @@ def dpo_ours(mode, steps, batch, device):
             seconds, clock.timing = clock.now() - start, False
             memory.start()
         idx = [((step + 1) * batch + i) % n for i in range(batch)]
-        with common.autocast(args, device):
+        with lifecycle.autocast(args, device):
             losses, _, _ = pair_losses(model, reference, data, idx, pad_id, BETA)
         prompt_ids = torch.tensor([data["prompt_id"][i] for i in idx], device=device)
-        weights, _ = common.robust_prompt_weights(losses.detach(), prompt_ids, dro)
+        weights, _ = robust.robust_prompt_weights(losses.detach(), prompt_ids, dro)
         loss = (weights * losses).sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: the loss is {loss.item()}")
@@ -394,6 +397,8 @@ def ppo_ours(mode, steps, prompts, device):
 
     import common
     import dro_ppo
+    import lifecycle
+    import robust
     from dro_ppo import cross_fitted_weights, gae, masked_mean, masked_whiten, ppo_loss, rollout_scores
 
     base = ppo_defaults(prompts)
@@ -406,12 +411,12 @@ def ppo_ours(mode, steps, prompts, device):
     n_params = sum(p.numel() for p in policy.parameters())
     # as dro_ppo.py builds them (without the warm start)
     critic = dro_ppo.Critic(policy).to(device)
-    policy = common.prepare_model(policy, args, "CAUSAL_LM")
-    critic.backbone = common.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")
+    policy = lifecycle.prepare_model(policy, args, "CAUSAL_LM")
+    critic.backbone = lifecycle.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")
     for model in (policy, critic):
-        common.disable_dropout(model)
+        lifecycle.disable_dropout(model)
         model.eval()
-    reference = Timed(common.reference_policy(policy, args), clock, "reference forward")
+    reference = Timed(lifecycle.reference_policy(policy, args), clock, "reference forward")
     trained = sum(p.numel() for m in (policy, critic) for p in m.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(
         [
@@ -440,7 +445,7 @@ def ppo_ours(mode, steps, prompts, device):
         rollout_prompts = [i for i in mine for _ in range(args.samples_per_prompt)]
         prompt_ids = torch.arange(len(mine), device=device).repeat_interleave(args.samples_per_prompt)
         t0 = clock.now()
-        with torch.no_grad(), common.autocast(args, device):
+        with torch.no_grad(), lifecycle.autocast(args, device):
             with clock.part("generation"):
                 ids, mask, responses, response_mask, ended = common.generate(
                     policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
@@ -471,14 +476,14 @@ def ppo_ours(mode, steps, prompts, device):
             if args.weights_from == "loo":
                 weights, _ = cross_fitted_weights(-prompt_values, prompt_ids, args.dro, args.samples_per_prompt)
             else:
-                weights, _ = common.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
+                weights, _ = robust.robust_prompt_weights(-prompt_values, prompt_ids, args.dro)
         t1 = clock.now()
         if clock.timing:
             clock.t["_rollout"] += t1 - t0
         policy.train(), critic.train()
         for _ in range(args.num_ppo_epochs):
             for mb in torch.randperm(args.local_batch_size, device=device).split(args.minibatch_size):
-                with clock.part("update forward"), common.autocast(args, device):
+                with clock.part("update forward"), lifecycle.autocast(args, device):
                     new_logprobs, _ = common.token_logprobs(policy, ids[mb], mask[mb], context_len, args.temperature)
                     new_values = critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
                 pg_loss, vf_loss, _ = ppo_loss(
@@ -534,10 +539,11 @@ def ppo_trl(mode, steps, prompts, device):
     from trl import GRPOConfig, GRPOTrainer
 
     import common
+    import ingest
 
     base = ppo_defaults(prompts)
     tok = common.tiny_tokenizer()
-    rows = common.load_preferences("synthetic", "train", tok, max_rows=(steps + 2) * prompts)
+    rows = ingest.load_preferences("synthetic", "train", tok, max_rows=(steps + 2) * prompts)
     ds = Dataset.from_dict({"prompt": list(rows["prompt"]), "domain": list(rows["domain"])})
 
     def gold(prompts, completions, domain, **kw):

@@ -41,8 +41,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
 import dro_ppo  # noqa: E402
+import robust  # noqa: E402
 
 MINORITY = 0.15  # the minority group's share of the training prompts (common._GROUPS_TRAIN)
 
@@ -89,7 +89,7 @@ def update_direction(p, kind, rho, estimator, k, prompts, p_ref, beta, c, batche
     """Expected gradient of the weighted objective with respect to the refusal logit at refusal probability p, when
     every rollout's reward is its group's (1 or 0 for a refusal, c or 0 for the word) and the weights come from
     `estimator` ("returns", "loo", or "erm") over `prompts` prompts x `k` samples; plus the KL term."""
-    gen, dro = torch.Generator().manual_seed(seed), common.DROArgs(kind=kind, rho=rho)
+    gen, dro = torch.Generator().manual_seed(seed), robust.DROArgs(kind=kind, rho=rho)
     ids, total = torch.arange(prompts).repeat_interleave(k), 0.0
     for _ in range(batches):
         minority = (torch.rand(prompts, generator=gen) < MINORITY).repeat_interleave(k)
@@ -98,7 +98,7 @@ def update_direction(p, kind, rho, estimator, k, prompts, p_ref, beta, c, batche
         if estimator == "loo":
             w, _ = dro_ppo.cross_fitted_weights(-reward, ids, dro, k)
         elif estimator == "returns":
-            w, _ = common.robust_prompt_weights(-reward, ids, dro)
+            w, _ = robust.robust_prompt_weights(-reward, ids, dro)
         else:
             w = torch.full((prompts * k,), 1.0 / (prompts * k))
         score = torch.where(refuse, torch.tensor(1 - p), torch.tensor(-p))  # d log pi(y) / d logit

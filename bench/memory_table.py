@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import dro_ppo  # noqa: E402
+import lifecycle  # noqa: E402
 
 MODES = {
     "fp32 (default)": dict(bf16=False, lora_r=0),
@@ -54,12 +55,12 @@ def build(script, args, config):
     model = auto.from_config(config)
     model.config.pad_token_id = 0
     critic = dro_ppo.Critic(model) if script == "ppo" else None
-    model = common.prepare_model(model, args, "SEQ_CLS" if script == "reward" else "CAUSAL_LM")
+    model = lifecycle.prepare_model(model, args, "SEQ_CLS" if script == "reward" else "CAUSAL_LM")
     trained = [model]
     if critic is not None:
-        critic.backbone = common.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")
+        critic.backbone = lifecycle.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")
         trained.append(critic)
-    reference = common.reference_policy(model, args) if script != "reward" else None
+    reference = lifecycle.reference_policy(model, args) if script != "reward" else None
     return trained, reference
 
 
@@ -110,7 +111,7 @@ def main():
             trained, reference = build(script, args, config)
             optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=1e-4)
             ids = torch.randint(3, 200, (4, 16))
-            with common.autocast(args, torch.device("cpu")):
+            with lifecycle.autocast(args, torch.device("cpu")):
                 loss = sum(
                     (m(ids, torch.ones_like(ids)) if script == "ppo" and i == 1 else m(input_ids=ids).logits)
                     .float()

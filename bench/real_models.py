@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import dro_ppo  # noqa: E402
 import dro_reward  # noqa: E402
+import ingest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -68,7 +69,7 @@ def readouts(path, n):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForSequenceClassification.from_pretrained(path).eval()
-    rows = common.load_preferences("synthetic", "test_uniform", tok, max_rows=n)
+    rows = ingest.load_preferences("synthetic", "test_uniform", tok, max_rows=n)
     data = common.tokenize_preferences(rows, tok, 64, "synthetic")
     _, train_c, train_r = dro_reward.pair_losses(model, data, range(len(data["chosen"])), tok.pad_token_id)
     ppo = []

@@ -4,7 +4,7 @@ agrees with the label) and the weight's size.
 
     python bench/tv_weights.py
 
-Losses and weights are dro_reward.py's: `dro_reward.pair_losses`, then `common.robust_prompt_weights` over the
+Losses and weights are dro_reward.py's: `dro_reward.pair_losses`, then `robust.robust_prompt_weights` over the
 batch's prompt ids (the worst case is over prompts; a prompt's pairs share its weight). The ERM training steps
 are the script's with --dro.kind erm (uniform over the batch's prompts, gradient clipping) at its learning rate.
 """
@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 import common  # noqa: E402
 import dro_reward  # noqa: E402
+import robust  # noqa: E402
 
 BATCH, ERM_STEPS, BATCHES = 64, 400, 100
 
@@ -37,12 +38,12 @@ if __name__ == "__main__":
     model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
     model.config.pad_token_id = pad_id
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    erm = common.DROArgs("erm", 0.0)
+    erm = robust.DROArgs("erm", 0.0)
     for _ in range(ERM_STEPS):  # ERM, as at 40% of the default budget
         idx = torch.randint(0, len(data["chosen"]), (BATCH,)).tolist()
         losses, _, _ = dro_reward.pair_losses(model, data, idx, pad_id)
         prompt_ids = torch.tensor([data["prompt_id"][i] for i in idx])
-        weights, _ = common.robust_prompt_weights(losses.detach(), prompt_ids, erm)
+        weights, _ = robust.robust_prompt_weights(losses.detach(), prompt_ids, erm)
         (weights * losses).sum().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()
@@ -55,7 +56,7 @@ if __name__ == "__main__":
             losses, _, _ = dro_reward.pair_losses(model, data, idx, pad_id)
             prompt_ids = torch.tensor([data["prompt_id"][i] for i in idx])
             for kind, rho in settings:
-                q, stats = common.robust_prompt_weights(losses, prompt_ids, common.DROArgs(kind, rho))
+                q, stats = robust.robust_prompt_weights(losses, prompt_ids, robust.DROArgs(kind, rho))
                 for i, w in zip(idx, q.tolist()):
                     mass[(kind, rho)][groups_of[i]] += w / BATCHES
                 mass[(kind, rho)]["max weight x B"] += stats["dro/max_weight_x_B"] / BATCHES  # B: prompts in the batch

@@ -13,6 +13,8 @@ import common
 import dro_dpo
 import dro_ppo
 import dro_reward
+import ingest
+import lifecycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -45,9 +47,9 @@ def good_line(**kw):
 def test_bad_jsonl_line_names_file_and_line_and_can_be_skipped(tmp_path, tok, bad_line, message, capsys):
     path = write(tmp_path / "data.jsonl", good_line() + good_line(chosen="abc!") + bad_line + good_line())
     with pytest.raises(common.DataError) as e:
-        common.load_preferences(path, "train", tok)
+        ingest.load_preferences(path, "train", tok)
     assert f"{path}, {message}" in str(e.value)
-    rows = common.load_preferences(path, "train", tok, skip_bad_rows=True)
+    rows = ingest.load_preferences(path, "train", tok, skip_bad_rows=True)
     assert len(rows) == 3 and "skipped 1 unreadable line" in capsys.readouterr().out
 
 
@@ -67,7 +69,7 @@ def test_bad_jsonl_line_names_file_and_line_and_can_be_skipped(tmp_path, tok, ba
 def test_unreadable_files_are_one_clear_error(tmp_path, tok, name, content, message):
     path = write(tmp_path / name, content)
     with pytest.raises(common.DataError) as e:
-        common.load_preferences(path, "train", tok)
+        ingest.load_preferences(path, "train", tok)
     assert str(e.value).startswith(path) and message in str(e.value)
 
 
@@ -79,19 +81,19 @@ def test_folders_csv_and_capital_extensions_load(tmp_path, tok):
     write(folder / "a.jsonl", good_line() + good_line(prompt="copy: xyz\n"))
     write(folder / "b.csv", b'prompt,chosen,rejected,domain\n"copy: q\n",q,r,chat\n')
     shutil.copy(os.path.join(FIX, "plain.parquet"), folder / "c.PARQUET")
-    rows = common.load_preferences(str(folder), "train", tok)
+    rows = ingest.load_preferences(str(folder), "train", tok)
     assert len(rows) == 2 + 1 + 2 and rows[2]["domain"] == "chat" and rows[2]["prompt"] == "copy: q\n"
-    assert common.load_preferences(str(folder / "b.csv"), "train", tok)[0]["chosen"] == "q"
+    assert ingest.load_preferences(str(folder / "b.csv"), "train", tok)[0]["chosen"] == "q"
     with pytest.raises(common.DataError, match="no such file or folder"):
-        common.load_preferences(str(tmp_path / "missing.jsonl"), "train", tok)
+        ingest.load_preferences(str(tmp_path / "missing.jsonl"), "train", tok)
     (tmp_path / "nodata").mkdir()
     with pytest.raises(common.DataError, match="a folder with no"):
-        common.load_preferences(str(tmp_path / "nodata"), "train", tok)
+        ingest.load_preferences(str(tmp_path / "nodata"), "train", tok)
 
 
 def test_a_local_file_has_no_splits(tok):
     with pytest.raises(common.ArgumentError, match="a local file has no splits"):
-        common.load_preferences(os.path.join(FIX, "plain.parquet"), "test", tok)
+        ingest.load_preferences(os.path.join(FIX, "plain.parquet"), "test", tok)
 
 
 def test_missing_model_folder_says_so():
@@ -100,18 +102,18 @@ def test_missing_model_folder_says_so():
     for path in ("./no/such/model", "runs/x/model", "/nonexistent"):
         args = SimpleNamespace(model_name_or_path=path, tokenizer_name_or_path=None, trust_remote_code=False)
         with pytest.raises(common.ArgumentError, match=f"--model-name-or-path {path}: no such folder"):
-            common.load_tokenizer(args)
+            lifecycle.load_tokenizer(args)
     proc = run("dro_ppo.py", "--reward-model-path", "runs/none/model")
     assert proc.returncode == 2 and "--reward-model-path runs/none/model: no such folder" in proc.stderr
 
 
 def test_eval_split_names_are_unique_and_synthetic_works():
-    named = common.eval_sources("x.jsonl", ("a/x.jsonl", "b/x.jsonl", "c/y.jsonl", "synthetic", "org/name:test_prefs"))
+    named = ingest.eval_sources("x.jsonl", ("a/x.jsonl", "b/x.jsonl", "c/y.jsonl", "synthetic", "org/name:test_prefs"))
     assert named["a/x.jsonl"] == ("a/x.jsonl", None) and named["b/x.jsonl"] == ("b/x.jsonl", None)
     assert named["y"] == ("c/y.jsonl", None) and named["name:test_prefs"] == ("org/name", "test_prefs")
     assert {"validation", "test_id", "test_uniform", "test_minority"} <= named.keys()
     with pytest.raises(common.ArgumentError, match="twice"):
-        common.eval_sources("x", ("a/x.jsonl", "a/x.jsonl"))
+        ingest.eval_sources("x", ("a/x.jsonl", "a/x.jsonl"))
 
 
 SCRIPT_ARGS = (

@@ -20,6 +20,8 @@ import common
 import dro_dpo
 import dro_ppo
 import dro_reward
+import ingest
+import lifecycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BPE = os.path.join(ROOT, "tests", "fixtures", "bpe")
@@ -93,14 +95,14 @@ def model_folder(tmp_path, arch, name, auto):
     folder = tmp_path / f"{arch}-{name}-{auto.__name__}"
     situation(name).save_pretrained(folder)
     ARCHITECTURES[arch]().save_pretrained(folder)  # AutoTokenizer picks a tokenizer class by the model type
-    tok = common.load_tokenizer(user_args(folder))  # as the scripts load it
+    tok = lifecycle.load_tokenizer(user_args(folder))  # as the scripts load it
     config = ARCHITECTURES[arch](
         vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
     )
     config.num_labels = 1
     torch.manual_seed(0)
     auto.from_config(config).save_pretrained(folder)
-    model = common.load_model(auto, str(folder), user_args(folder), tok).eval()
+    model = lifecycle.load_model(auto, str(folder), user_args(folder), tok).eval()
     model.config.pad_token_id = tok.pad_token_id
     return folder, tok, model
 
@@ -118,9 +120,9 @@ def grown_unified_feedback(path, n):
 def pairs(tok, name):
     """Tokenized preference rows: conversational (rendered with the chat template) for the chat situation."""
     if name == "chat_template_eos_turns":
-        rows = common.load_preferences(os.path.join(ROOT, "tests", "fixtures", "conversational.jsonl"), "train", tok)
+        rows = ingest.load_preferences(os.path.join(ROOT, "tests", "fixtures", "conversational.jsonl"), "train", tok)
     else:
-        rows = common.load_preferences("synthetic", "validation", tok, max_rows=4)
+        rows = ingest.load_preferences("synthetic", "validation", tok, max_rows=4)
     return rows, common.tokenize_preferences(rows, tok, 128, "rows")
 
 
@@ -216,8 +218,8 @@ def test_encoder_reward_models(tmp_path):
     folder = tmp_path / "bert"
     tok.save_pretrained(folder)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-    tok = common.load_tokenizer(user_args(folder))
-    model = common.load_model(AutoModelForSequenceClassification, str(folder), user_args(folder), tok).eval()
+    tok = lifecycle.load_tokenizer(user_args(folder))
+    model = lifecycle.load_model(AutoModelForSequenceClassification, str(folder), user_args(folder), tok).eval()
     _, data = pairs(tok, "bert")
     assert data["chosen"][0][0] == tok.cls_token_id and data["chosen"][0][-1] == tok.sep_token_id
     with torch.no_grad():
@@ -281,7 +283,7 @@ def test_a_tokenizer_that_is_not_the_models_own_is_a_clear_error(tmp_path):
     folder = tmp_path / "mismatch"
     common.tiny_tokenizer().save_pretrained(folder)
     ARCHITECTURES["qwen2"](vocab_size=384).save_pretrained(folder)
-    tok = common.load_tokenizer(user_args(folder))
+    tok = lifecycle.load_tokenizer(user_args(folder))
     with pytest.raises(common.DataError, match=r"synthetic validation, row 0: the prompt .* tokenizes to nothing"):
         pairs(tok, "no_pad")
 

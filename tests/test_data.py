@@ -5,6 +5,7 @@ import os
 import pytest
 
 import common
+import ingest
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -15,7 +16,7 @@ def tok():
 
 
 def load(name, tok, **kw):
-    return common.load_preferences(os.path.join(FIX, name), "train", tok, **kw)
+    return ingest.load_preferences(os.path.join(FIX, name), "train", tok, **kw)
 
 
 def test_unified_feedback(tok):
@@ -104,9 +105,9 @@ def test_too_long_is_an_error_never_a_truncation(tok, capsys):
 
 def test_missing_file_and_unknown_split(tok):
     with pytest.raises(common.DataError, match="no such file"):
-        common.load_preferences("nope/missing.jsonl", "train", tok)
+        ingest.load_preferences("nope/missing.jsonl", "train", tok)
     with pytest.raises(common.DataError, match="splits"):
-        common.load_preferences("synthetic", "dev", tok)
+        ingest.load_preferences("synthetic", "dev", tok)
 
 
 def test_synthetic_benchmark():
@@ -158,18 +159,18 @@ def test_synthetic_groups():
     assert not common.has_gold_reward("echo: abc\n") and not common.has_gold_reward("echo: abc\n", "chat")
     with pytest.raises(ValueError, match="not a prompt of the embedded datasets"):
         common.synthetic_gold_reward("echo: abc\n", "abc")
-    assert list(common.eval_sources("synthetic-groups", ())) == [
+    assert list(ingest.eval_sources("synthetic-groups", ())) == [
         "validation",
         "test_id",
         "test_uniform",
         "test_minority",
     ]
-    both = common.eval_sources("synthetic", ("synthetic", "synthetic-groups"))
+    both = ingest.eval_sources("synthetic", ("synthetic", "synthetic-groups"))
     assert len(both) == 8 and both["synthetic-groups:test_uniform"] == ("synthetic-groups", "test_uniform")
 
 
 def test_synthetic_goes_through_datasets(tok):
-    ds = common.load_preferences("synthetic", "test_uniform", tok)
+    ds = ingest.load_preferences("synthetic", "test_uniform", tok)
     assert type(ds).__name__ == "Dataset" and set(ds["domain"]) == set(common.SYNTHETIC_DOMAINS)
 
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
+import ingest
 from dro_dpo import dpo_loss, pair_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ def setup():
     torch.manual_seed(0)
     tok = common.tiny_tokenizer()
     policy = AutoModelForCausalLM.from_config(common.tiny_config(tok))
-    rows = common.load_preferences("synthetic", "validation", tok, max_rows=16)
+    rows = ingest.load_preferences("synthetic", "validation", tok, max_rows=16)
     return tok, policy, common.tokenize_preferences(rows, tok, 64, "synthetic")
 
 

@@ -10,6 +10,8 @@ import torch
 
 import common
 import dro_ppo
+import lifecycle
+import robust
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,21 +92,21 @@ def prompt_weights(batch, dro, weights_from="returns"):
         return dro_ppo.cross_fitted_weights(losses, batch["groups"], dro, batch["k"])
     if weights_from == "values":
         losses = torch.randn(len(losses), generator=torch.Generator().manual_seed(5))
-    return common.robust_prompt_weights(losses, batch["groups"], dro)
+    return robust.robust_prompt_weights(losses, batch["groups"], dro)
 
 
 @pytest.mark.parametrize("weights_from", ["returns", "values", "loo"])
 @pytest.mark.parametrize("kind", ["chi2", "tv", "kl", "cvar", "erm"])
 def test_rho_zero_is_plain_ppo(kind, weights_from):
     batch = make_rollout_batch(k=3)
-    w, stats = prompt_weights(batch, common.DROArgs(kind=kind, rho=0.0), weights_from)
+    w, stats = prompt_weights(batch, robust.DROArgs(kind=kind, rho=0.0), weights_from)
     loss_dro, params_dro = one_update(w, batch)
     loss_plain, params_plain = one_update(None, batch)  # ppo_loss's own plain mean
     assert torch.equal(loss_dro, loss_plain)  # bit for bit: the same loss and the same update
     for a, b in zip(params_dro, params_plain):
         assert torch.equal(a, b)
     if kind != "erm":  # and a positive radius changes the update
-        w, _ = prompt_weights(batch, common.DROArgs(kind=kind, rho=0.5), weights_from)
+        w, _ = prompt_weights(batch, robust.DROArgs(kind=kind, rho=0.5), weights_from)
         assert not torch.allclose(one_update(w, batch)[0], loss_plain)
 
 
@@ -112,14 +114,14 @@ def test_rho_zero_is_plain_ppo(kind, weights_from):
 def test_cross_fitted_weight_ignores_its_own_return(kind):
     """--weights-from loo: each rollout's weight is q_i / K of the worst case over the prompts' other rollouts (a
     direct computation with robust_weights), so changing a rollout's own return leaves its weight as it was."""
-    dro, k = common.DROArgs(kind=kind, rho=0.5), 3
+    dro, k = robust.DROArgs(kind=kind, rho=0.5), 3
     batch = make_rollout_batch(n_prompts=8, k=k, seed=7)
     losses = -batch["returns_per_rollout"]
     w, _ = dro_ppo.cross_fitted_weights(losses, batch["groups"], dro, k)
     per_prompt = losses.view(-1, k)
     for j in range(k):
         others = per_prompt[:, [i for i in range(k) if i != j]].mean(1)
-        q = common.robust_weights(others, kind, 0.5)
+        q = robust.robust_weights(others, kind, 0.5)
         torch.testing.assert_close(w.view(-1, k)[:, j], (q / k).float())
     assert w.sum().item() == pytest.approx(1.0)
     seen = 0
@@ -130,7 +132,7 @@ def test_cross_fitted_weight_ignores_its_own_return(kind):
         assert w2[r] == w[r]  # its own weight is untouched ...
         seen += not torch.allclose(w2, w)
     assert seen >= len(losses) // 2  # ... while the other rollouts' weights see the change (tv, cvar: if it moves q)
-    plug_in, _ = common.robust_prompt_weights(losses, batch["groups"], dro)
+    plug_in, _ = robust.robust_prompt_weights(losses, batch["groups"], dro)
     assert not torch.allclose(plug_in, w)  # (the plug-in weight of a rollout does move with its own return)
 
 
@@ -174,8 +176,8 @@ def test_ppo_loss_matches_straightforward_computation():
 
 def test_robust_weights_favour_low_return_prompts():
     batch = make_rollout_batch()
-    w, _ = common.robust_prompt_weights(
-        -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5)
+    w, _ = robust.robust_prompt_weights(
+        -batch["returns_per_rollout"], batch["groups"], robust.DROArgs(kind="chi2", rho=0.5)
     )
     per_prompt_return = batch["returns_per_rollout"].view(-1, 2).mean(1)
     per_prompt_w = w.view(-1, 2).sum(1)
@@ -190,8 +192,8 @@ def _whiten_and_weigh_on_rank(rank, x, mask, returns, groups, port, out):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
-    w, _ = common.robust_prompt_weights(-returns[half], groups[half], common.DROArgs(kind="chi2", rho=0.5))
-    loo, _ = dro_ppo.cross_fitted_weights(-returns[half], groups[half], common.DROArgs(kind="chi2", rho=0.5), 2)
+    w, _ = robust.robust_prompt_weights(-returns[half], groups[half], robust.DROArgs(kind="chi2", rho=0.5))
+    loo, _ = dro_ppo.cross_fitted_weights(-returns[half], groups[half], robust.DROArgs(kind="chi2", rho=0.5), 2)
     out[rank] = (dro_ppo.masked_whiten(x[half], mask[half]), w, loo)
     dist.destroy_process_group()
 
@@ -208,13 +210,13 @@ def test_cross_process_parts_equal_one_process():
     mp.spawn(
         _whiten_and_weigh_on_rank, args=(x, mask, batch["returns_per_rollout"], batch["groups"], 29531, out), nprocs=2
     )
-    w, _ = common.robust_prompt_weights(
-        -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5)
+    w, _ = robust.robust_prompt_weights(
+        -batch["returns_per_rollout"], batch["groups"], robust.DROArgs(kind="chi2", rho=0.5)
     )
     torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), dro_ppo.masked_whiten(x, mask))
     torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), w)
     loo, _ = dro_ppo.cross_fitted_weights(
-        -batch["returns_per_rollout"], batch["groups"], common.DROArgs(kind="chi2", rho=0.5), 2
+        -batch["returns_per_rollout"], batch["groups"], robust.DROArgs(kind="chi2", rho=0.5), 2
     )
     torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), loo)  # the cross-fitted worst case too
     whitened = dro_ppo.masked_whiten(x, mask)
@@ -294,7 +296,7 @@ def test_smoke_run_with_reward_model(tmp_path):
 
     tok = common.tiny_tokenizer()
     rm = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
-    common.save_atomically(rm, tok, str(tmp_path / "rm"))
+    lifecycle.save_atomically(rm, tok, str(tmp_path / "rm"))
     run_script(tmp_path / "run", "--reward-model-path", str(tmp_path / "rm"), "--max-eval-rows", "8")
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     for r in rows:
@@ -304,7 +306,7 @@ def test_smoke_run_with_reward_model(tmp_path):
 
 @pytest.mark.parametrize("kind", ["chi2", "kl", "tv", "cvar"])
 def test_groups_theory_worst_case_is_the_scripts(kind):
-    """bench/groups_theory.py's closed-form worst-case minority mass q_max equals what common.robust_weights puts on
+    """bench/groups_theory.py's closed-form worst-case minority mass q_max equals what robust.robust_weights puts on
     a batch whose 15% minority prompts have the larger loss (the population worst case of synthetic-groups)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import groups_theory
@@ -312,5 +314,5 @@ def test_groups_theory_worst_case_is_the_scripts(kind):
     losses = torch.tensor([1.0] * 15 + [0.0] * 85, dtype=torch.float64)
     for rho in (0.05, 0.25, 0.5, 1.0, 3.0):
         rho = min(rho, 1.0) if kind == "tv" else rho  # a total variation is at most 1
-        q = common.robust_weights(losses, kind, rho)
+        q = robust.robust_weights(losses, kind, rho)
         assert q[:15].sum().item() == pytest.approx(groups_theory.q_max(kind, rho), abs=1e-6)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 import common
+import ingest
+import lifecycle
 from dro_reward import pair_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +24,7 @@ def setup():
     torch.manual_seed(0)
     tok = common.tiny_tokenizer()
     model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
-    rows = common.load_preferences("synthetic", "validation", tok, max_rows=32)
+    rows = ingest.load_preferences("synthetic", "validation", tok, max_rows=32)
     return tok, model, common.tokenize_preferences(rows, tok, 64, "synthetic")
 
 
@@ -60,7 +62,7 @@ def test_pair_losses_are_bradley_terry(setup):
 
 def test_saved_model_reloads_and_scores_identically(setup, tmp_path):
     tok, model, data = setup
-    common.save_atomically(model, tok, str(tmp_path / "model"))
+    lifecycle.save_atomically(model, tok, str(tmp_path / "model"))
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary folder left behind
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
     a = pair_losses(model, data, range(32), tok.pad_token_id)

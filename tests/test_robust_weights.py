@@ -9,6 +9,7 @@ import tyro
 from scipy.optimize import linprog, minimize_scalar
 
 import common
+import robust
 
 KINDS_RADII = [
     ("tv", 0.05),
@@ -26,7 +27,7 @@ KINDS_RADII = [
 
 
 def worst_case_value(l: np.ndarray, kind: str, rho: float) -> float:
-    """max_{q in Q_rho} q . l by a method that shares nothing with common.robust_weights."""
+    """max_{q in Q_rho} q . l by a method that shares nothing with robust.robust_weights."""
     B = len(l)
     if kind in ("tv", "cvar"):  # linear programs
         if kind == "tv":  # variables q (B) and t >= |q - 1/B| (B): sum t <= 2 rho
@@ -78,7 +79,7 @@ def test_matches_independent_solver(kind, rho):
     for trial in range(25):
         B = int(rng.choice([1, 2, 3, 7, 16, 50]))
         l = random_losses(rng, B)
-        q = common.robust_weights(torch.tensor(l), kind, rho).numpy()
+        q = robust.robust_weights(torch.tensor(l), kind, rho).numpy()
         assert q.dtype == np.float64 and np.all(q >= 0) and abs(q.sum() - 1) < 1e-12, (trial, q)
         assert divergence(q, kind, rho), (trial, l, q)
         expected = worst_case_value(l, kind, rho)
@@ -90,57 +91,57 @@ def test_matches_independent_solver(kind, rho):
 def test_invariances(kind, rho):
     rng = np.random.default_rng(1)
     l = torch.tensor(np.round(rng.exponential(size=40), 1))  # rounding makes ties
-    q = common.robust_weights(l, kind, rho)
+    q = robust.robust_weights(l, kind, rho)
     perm = torch.randperm(40)
-    assert torch.allclose(common.robust_weights(l[perm], kind, rho), q[perm], atol=1e-12)
-    assert torch.allclose(common.robust_weights(l + 123.0, kind, rho), q, atol=1e-9)
+    assert torch.allclose(robust.robust_weights(l[perm], kind, rho), q[perm], atol=1e-12)
+    assert torch.allclose(robust.robust_weights(l + 123.0, kind, rho), q, atol=1e-9)
     for value in l.unique():  # equal losses get equal weights
         assert torch.allclose(q[l == value], q[l == value].mean().expand((l == value).sum()), atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", common.DRO_KINDS)
+@pytest.mark.parametrize("kind", robust.DRO_KINDS)
 def test_rho_zero_and_trivial_batches_are_uniform(kind):
     l = torch.rand(9)
-    assert torch.equal(common.robust_weights(l, kind, 0.0), torch.full((9,), 1 / 9, dtype=torch.float64))
-    assert torch.equal(common.robust_weights(torch.tensor([3.0]), kind, 0.5), torch.ones(1, dtype=torch.float64))
+    assert torch.equal(robust.robust_weights(l, kind, 0.0), torch.full((9,), 1 / 9, dtype=torch.float64))
+    assert torch.equal(robust.robust_weights(torch.tensor([3.0]), kind, 0.5), torch.ones(1, dtype=torch.float64))
     assert torch.allclose(
-        common.robust_weights(torch.full((5,), 2.0), kind, 0.5), torch.full((5,), 0.2, dtype=torch.float64)
+        robust.robust_weights(torch.full((5,), 2.0), kind, 0.5), torch.full((5,), 0.2, dtype=torch.float64)
     )
 
 
 @pytest.mark.parametrize("kind,rho", [("tv", 1.0), ("cvar", 1e6), ("chi2", 1e6), ("kl", 1e6)])
 def test_extreme_radius_is_point_mass_spread_over_tied_maxima(kind, rho):
     l = torch.tensor([0.1, 5.0, 2.0, 5.0, 0.3])
-    q = common.robust_weights(l, kind, rho)
+    q = robust.robust_weights(l, kind, rho)
     assert torch.allclose(q, torch.tensor([0, 0.5, 0, 0.5, 0], dtype=torch.float64), atol=1e-12)
 
 
 def test_ties_at_maximum_beyond_what_they_absorb():
     # tv 0.6 from a batch of 5 with two maxima: the maxima can absorb all of it, shared equally
-    q = common.robust_weights(torch.tensor([1.0, 3.0, 3.0, 0.0, 2.0]), "tv", 0.6)
+    q = robust.robust_weights(torch.tensor([1.0, 3.0, 3.0, 0.0, 2.0]), "tv", 0.6)
     assert torch.allclose(q, torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0], dtype=torch.float64))
 
 
 def test_no_nan_over_wide_range_and_dual():
     l = torch.logspace(-8, 4, 1000)
     for kind, rho in KINDS_RADII:
-        q, dual = common.robust_weights(l, kind, rho, return_dual=True)
+        q, dual = robust.robust_weights(l, kind, rho, return_dual=True)
         assert torch.isfinite(q).all() and abs(q.sum().item() - 1) < 1e-12
-    q, eta = common.robust_weights(torch.tensor([1.0, 2.0, 3.0, 4.0]), "tv", 0.3, return_dual=True)
+    q, eta = robust.robust_weights(torch.tensor([1.0, 2.0, 3.0, 4.0]), "tv", 0.3, return_dual=True)
     assert eta == 2.0  # the rho-quantile of the losses
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown DRO kind"):
-        common.robust_weights(torch.rand(3), "wasserstein", 0.1)
+        robust.robust_weights(torch.rand(3), "wasserstein", 0.1)
     with pytest.raises(ValueError, match="invalid radius"):
-        common.robust_weights(torch.rand(3), "chi2", -0.1)
+        robust.robust_weights(torch.rand(3), "chi2", -0.1)
     with pytest.raises(ValueError, match="invalid radius"):
-        common.robust_weights(torch.rand(3), "tv", 1.5)
+        robust.robust_weights(torch.rand(3), "tv", 1.5)
     with pytest.raises(ValueError, match="NaN"):
-        common.robust_weights(torch.tensor([1.0, float("nan")]), "kl", 0.1)
+        robust.robust_weights(torch.tensor([1.0, float("nan")]), "kl", 0.1)
     with pytest.raises(ValueError, match="non-empty 1-D"):
-        common.robust_weights(torch.rand(2, 2), "kl", 0.1)
+        robust.robust_weights(torch.rand(2, 2), "kl", 0.1)
 
 
 @pytest.mark.parametrize(
@@ -149,14 +150,14 @@ def test_bad_input():
 )
 def test_droargs_rejects_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit):
-        tyro.cli(common.DROArgs, args=argv)
+        tyro.cli(robust.DROArgs, args=argv)
     assert message in capsys.readouterr().err
 
 
 def test_pair_weights_group_by_prompt():
     # two pairs of prompt 7 (mean loss 2) and one of prompt 3 (loss 1): prompt-level weights, split over pairs
-    w, stats = common.robust_prompt_weights(
-        torch.tensor([1.0, 3.0, 1.0]), torch.tensor([7, 7, 3]), common.DROArgs("cvar", 1.0)
+    w, stats = robust.robust_prompt_weights(
+        torch.tensor([1.0, 3.0, 1.0]), torch.tensor([7, 7, 3]), robust.DROArgs("cvar", 1.0)
     )
     assert torch.allclose(w, torch.tensor([0.5, 0.5, 0.0]))
     assert stats["dro/robust_loss"] == pytest.approx(2.0) and stats["dro/erm_loss"] == pytest.approx(1.5)
@@ -179,7 +180,7 @@ def badly_scaled(rng, B):
 @pytest.mark.parametrize("kind,rho", KINDS_RADII)
 def test_extreme_spreads_are_exact_and_finite(losses, kind, rho):
     l = np.array(losses)
-    q = common.robust_weights(torch.tensor(l), kind, rho).numpy()
+    q = robust.robust_weights(torch.tensor(l), kind, rho).numpy()
     assert np.isfinite(q).all() and np.all(q >= 0) and abs(q.sum() - 1) < 1e-12 and divergence(q, kind, rho)
     scaled = l / np.ptp(l / 4) / 4  # q* is invariant to positive scaling: the independent solver sees a unit range
     assert q @ scaled == pytest.approx(worst_case_value(scaled, kind, rho), abs=1e-6)
@@ -204,7 +205,7 @@ def test_chi2_with_half_the_batch_far_below_is_exact():
         for _ in range(40):
             l = rng.exponential(size=64)
             l[:32] -= gap
-            q = common.robust_weights(torch.tensor(l), "chi2", 0.5).numpy()
+            q = robust.robust_weights(torch.tensor(l), "chi2", 0.5).numpy()
             assert divergence(q, "chi2", 0.5)
             chi2_optimality(l, q, 0.5)
 
@@ -215,25 +216,25 @@ def test_badly_scaled_stress(kind, rho):
     for trial in range(60):
         B = int(rng.choice([2, 3, 7, 16, 64]))
         l = badly_scaled(rng, B)
-        q = common.robust_weights(torch.tensor(l), kind, rho).numpy()
+        q = robust.robust_weights(torch.tensor(l), kind, rho).numpy()
         assert np.isfinite(q).all() and np.all(q >= 0) and abs(q.sum() - 1) < 1e-12, (trial, l, q)
         assert divergence(q, kind, rho), (trial, l, q)
         for value in np.unique(l):  # equal losses, equal weights
             assert np.ptp(q[l == value]) <= 1e-12
 
 
-@pytest.mark.parametrize("kind", common.DRO_KINDS)
+@pytest.mark.parametrize("kind", robust.DRO_KINDS)
 @pytest.mark.parametrize("rho", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_radius_is_rejected(kind, rho):
     with pytest.raises(ValueError, match="invalid radius rho="):
-        common.robust_weights(torch.rand(4), kind, rho)
+        robust.robust_weights(torch.rand(4), kind, rho)
 
 
 def test_group_dro_with_one_group_is_erm():
     losses, prompts = torch.tensor([1.0, 3.0, 0.5, 2.0]), torch.tensor([0, 0, 1, 2])
-    groups = common.GroupWeights(["all"], torch.ones(1, dtype=torch.float64))
-    w, _ = common.robust_prompt_weights(losses, prompts, common.DROArgs("group"), groups, ["all"] * 4)
-    erm, _ = common.robust_prompt_weights(losses, prompts, common.DROArgs("erm"))
+    groups = robust.GroupWeights(["all"], torch.ones(1, dtype=torch.float64))
+    w, _ = robust.robust_prompt_weights(losses, prompts, robust.DROArgs("group"), groups, ["all"] * 4)
+    erm, _ = robust.robust_prompt_weights(losses, prompts, robust.DROArgs("erm"))
     assert torch.equal(w, erm)
 
 
@@ -242,7 +243,7 @@ def test_group_dro_update_equals_a_straightforward_implementation():
     batch), q_g <- q_g exp(step loss_g) / Z, each prompt gets q_g / (prompts of g in the batch), split over pairs."""
     rng = np.random.default_rng(5)
     names, step = ["chat", "reasoning", "safety"], 0.3
-    groups = common.GroupWeights(list(names), torch.full((3,), 1 / 3, dtype=torch.float64))
+    groups = robust.GroupWeights(list(names), torch.full((3,), 1 / 3, dtype=torch.float64))
     q = {g: 1 / 3 for g in names}
     for batch in range(4):
         n = 9
@@ -250,8 +251,8 @@ def test_group_dro_update_equals_a_straightforward_implementation():
         domain_of_prompt = {p: names[rng.integers(0, 3 if batch else 2)] for p in range(5)}  # batch 0 lacks safety
         domains = [domain_of_prompt[p] for p in prompts]
         losses = rng.exponential(size=n).astype(np.float32).astype(np.float64)  # the losses are float32
-        w, stats = common.robust_prompt_weights(
-            torch.tensor(losses), torch.tensor(prompts), common.DROArgs("group", 0.0, step), groups, domains
+        w, stats = robust.robust_prompt_weights(
+            torch.tensor(losses), torch.tensor(prompts), robust.DROArgs("group", 0.0, step), groups, domains
         )
         prompt_loss = {p: losses[prompts == p].mean() for p in set(prompts)}
         for g in names:
@@ -266,4 +267,4 @@ def test_group_dro_update_equals_a_straightforward_implementation():
             assert w[i].item() == pytest.approx(expected, rel=1e-6)
         assert stats["dro/group_weight/chat"] == pytest.approx(q["chat"], rel=1e-12)
     with pytest.raises(common.ArgumentError, match="at least two domains"):
-        common.GroupWeights.start(common.DROArgs("group"), ["all", "all"])
+        robust.GroupWeights.start(robust.DROArgs("group"), ["all", "all"])

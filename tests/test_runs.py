@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import lifecycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {  # a few fast steps, a checkpoint after every one, an evaluation every 2
@@ -248,7 +249,7 @@ def test_a_save_killed_at_any_point_leaves_a_complete_model(tmp_path, monkeypatc
     old_model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
     new_model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
     path = str(tmp_path / "model")
-    common.save_atomically(old_model, tok, path)
+    lifecycle.save_atomically(old_model, tok, path)
     calls = {"n": 0}
     real = {name: getattr(os, name) for name in ("replace", "fsync")}
 
@@ -264,7 +265,7 @@ def test_a_save_killed_at_any_point_leaves_a_complete_model(tmp_path, monkeypatc
     for name in real:
         monkeypatch.setattr(os, name, failing(name))
     try:
-        common.save_atomically(new_model, tok, path)
+        lifecycle.save_atomically(new_model, tok, path)
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
@@ -272,7 +273,7 @@ def test_a_save_killed_at_any_point_leaves_a_complete_model(tmp_path, monkeypatc
     loaded = AutoModelForSequenceClassification.from_pretrained(survivor).state_dict()
     expected = [m.state_dict() for m in (old_model, new_model)]
     assert any(all(torch.equal(loaded[k], e[k]) for k in e) for e in expected)
-    common.save_atomically(new_model, tok, path)  # the next save puts everything right
+    lifecycle.save_atomically(new_model, tok, path)  # the next save puts everything right
     assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
@@ -281,7 +282,7 @@ def test_ppo_writes_its_model_with_every_reward_and_eval_combination(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     tok = common.tiny_tokenizer()
-    common.save_atomically(
+    lifecycle.save_atomically(
         AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1)), tok, str(tmp_path / "rm")
     )
     other = tmp_path / "other.jsonl"
@@ -350,7 +351,7 @@ def test_a_checkpoint_save_killed_at_any_point_leaves_a_complete_checkpoint(tmp_
         resume_from=None,
         overwrite=False,
     )
-    common.save_checkpoint(str(tmp_path), 1, {"model": model}, optimizer, None, {}, args)
+    lifecycle.save_checkpoint(str(tmp_path), 1, {"model": model}, optimizer, None, {}, args)
     calls, real = {"n": 0}, {name: getattr(os, name) for name in ("replace", "fsync")}
 
     def failing(name):
@@ -365,13 +366,13 @@ def test_a_checkpoint_save_killed_at_any_point_leaves_a_complete_checkpoint(tmp_
     for name in real:
         monkeypatch.setattr(os, name, failing(name))
     try:
-        common.save_checkpoint(str(tmp_path), 2, {"model": model}, optimizer, None, {}, args)
+        lifecycle.save_checkpoint(str(tmp_path), 2, {"model": model}, optimizer, None, {}, args)
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
-    found = common.find_checkpoint(args, str(tmp_path))
+    found = lifecycle.checkpoint_to_resume(args, str(tmp_path))
     assert found.endswith(("step-00000001", "step-00000002"))
-    assert common.load_checkpoint(found, {"model": model}, optimizer, None, args)["step"] in (1, 2)
+    assert lifecycle.load_checkpoint(found, {"model": model}, optimizer, None, args)["step"] in (1, 2)
 
 
 @pytest.mark.parametrize("script", ["dro_reward.py", "dro_dpo.py"])

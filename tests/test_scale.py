@@ -18,6 +18,8 @@ import common
 import dro_dpo
 import dro_ppo
 import dro_reward
+import ingest
+import lifecycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +54,7 @@ def tiny(auto=AutoModelForCausalLM, seed=0, **config):
 
 
 def batch(tok, n=6):
-    rows = common.load_preferences("synthetic", "train", tok, max_rows=n)
+    rows = ingest.load_preferences("synthetic", "train", tok, max_rows=n)
     seqs = [tok(r["prompt"] + r["chosen"]).input_ids for r in rows]
     ids, mask = common.pad(seqs, tok.pad_token_id)
     return seqs, ids, mask
@@ -77,14 +79,14 @@ def test_disable_dropout_makes_train_the_same_function_as_eval(arch):
         if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
             setattr(config, name, 0.3)
     torch.manual_seed(0)
-    model = common.prepare_model(
+    model = lifecycle.prepare_model(
         AutoModelForCausalLM.from_config(config), options(lora_r=4, lora_dropout=0.3), "CAUSAL_LM"
     )
     randomise_adapter(model)
     ids = torch.randint(0, 64, (3, 12))
     eval_logits = model.eval()(input_ids=ids).logits
     assert not torch.equal(model.train()(input_ids=ids).logits, eval_logits)  # dropout is on in train()
-    common.disable_dropout(model)
+    lifecycle.disable_dropout(model)
     torch.testing.assert_close(model.train()(input_ids=ids).logits, eval_logits, rtol=0, atol=0)
 
 
@@ -98,10 +100,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(what):
         tok, model = tiny(auto)
         if what == "critic":
             model = dro_ppo.Critic(model)
-            model.backbone = common.prepare_model(model.backbone, options(gradient_checkpointing=gc), "x")
+            model.backbone = lifecycle.prepare_model(model.backbone, options(gradient_checkpointing=gc), "x")
             layers = model.backbone.layers
         else:
-            model = common.prepare_model(model, options(gradient_checkpointing=gc), "x")
+            model = lifecycle.prepare_model(model, options(gradient_checkpointing=gc), "x")
             layers = model.model.layers
         torch.manual_seed(0)
         torch.nn.init.normal_(model.head.weight) if what == "critic" else None
@@ -129,9 +131,9 @@ def test_lora_reference_is_the_base_model_exactly():
     tok, base = tiny()
     seqs, ids, mask = batch(tok)
     expected = common.token_logprobs(base.eval(), ids, mask)[0]
-    policy = common.prepare_model(copy.deepcopy(base), options(lora_r=4, lora_dropout=0.5), "CAUSAL_LM")
+    policy = lifecycle.prepare_model(copy.deepcopy(base), options(lora_r=4, lora_dropout=0.5), "CAUSAL_LM")
     randomise_adapter(policy)
-    reference = common.reference_policy(policy, options(lora_r=4))
+    reference = lifecycle.reference_policy(policy, options(lora_r=4))
     assert not any(p.data_ptr() in {q.data_ptr() for q in base.parameters()} for p in policy.parameters())
     for mode in (True, False):
         policy.train(mode)
@@ -148,7 +150,7 @@ def test_lora_reference_is_the_base_model_exactly():
 def test_lora_with_bf16_stores_frozen_weights_in_bf16_and_trains_in_fp32(auto, task):
     """--bf16 with LoRA: the frozen weights take 2 bytes per parameter, what trains (adapter, head) keeps fp32."""
     _, model = tiny(auto)
-    model = common.prepare_model(model, options(lora_r=4, bf16=True), task)
+    model = lifecycle.prepare_model(model, options(lora_r=4, bf16=True), task)
     dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -158,7 +160,7 @@ def test_lora_with_bf16_stores_frozen_weights_in_bf16_and_trains_in_fp32(auto, t
 def test_lora_target_modules_that_do_not_exist_are_a_clear_error():
     _, model = tiny()
     with pytest.raises(common.ArgumentError, match="--lora-target-modules nope"):
-        common.prepare_model(model, options(lora_r=4, lora_target_modules=("nope",)), "CAUSAL_LM")
+        lifecycle.prepare_model(model, options(lora_r=4, lora_target_modules=("nope",)), "CAUSAL_LM")
 
 
 @pytest.mark.parametrize("auto,task", TASKS)
@@ -168,8 +170,8 @@ def test_saved_lora_models_reload(tmp_path, auto, task):
     from peft import PeftModel
 
     tok, base = tiny(auto)
-    common.save_atomically(base, tok, str(tmp_path / "base"))
-    model = common.prepare_model(copy.deepcopy(base), options(lora_r=4), task)
+    lifecycle.save_atomically(base, tok, str(tmp_path / "base"))
+    model = lifecycle.prepare_model(copy.deepcopy(base), options(lora_r=4), task)
     randomise_adapter(model)
     if task == "SEQ_CLS":
         with torch.no_grad():
@@ -177,11 +179,11 @@ def test_saved_lora_models_reload(tmp_path, auto, task):
     _, ids, mask = batch(tok)
     expected = model.eval()(input_ids=ids, attention_mask=mask).logits
     args = options(lora_r=4, model_name_or_path=str(tmp_path / "base"))
-    common.save_run(str(tmp_path / "adapter"), args, model, tok, 1)
+    lifecycle.save_run(str(tmp_path / "adapter"), args, model, tok, 1)
     assert os.path.exists(tmp_path / "adapter" / "model" / "adapter_config.json")
     reloaded = PeftModel.from_pretrained(auto.from_pretrained(tmp_path / "base"), tmp_path / "adapter" / "model")
     torch.testing.assert_close(reloaded.eval()(input_ids=ids, attention_mask=mask).logits, expected)
-    common.save_run(str(tmp_path / "merged"), args, model, tok, 1, base_changed=True)
+    lifecycle.save_run(str(tmp_path / "merged"), args, model, tok, 1, base_changed=True)
     merged = auto.from_pretrained(tmp_path / "merged" / "model").eval()
     assert not any("lora" in k for k in merged.state_dict())
     torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-4, atol=1e-5)
@@ -193,10 +195,10 @@ def test_bf16_autocast_stays_close_to_fp32():
     _, reward_model = tiny(AutoModelForSequenceClassification)
     _, reference = tiny(seed=1)
     data = common.tokenize_preferences(
-        common.load_preferences("synthetic", "train", tok, max_rows=16), tok, 128, "synthetic"
+        ingest.load_preferences("synthetic", "train", tok, max_rows=16), tok, 128, "synthetic"
     )
     for bf16 in (False, True):
-        with common.autocast(SimpleNamespace(bf16=bf16), torch.device("cpu")):
+        with lifecycle.autocast(SimpleNamespace(bf16=bf16), torch.device("cpu")):
             dpo, _, _ = dro_dpo.pair_losses(policy, reference, data, range(16), tok.pad_token_id, 0.1)
             rm = dro_reward.pair_losses(reward_model, data, range(16), tok.pad_token_id)[0]
             critic = dro_ppo.Critic(policy)

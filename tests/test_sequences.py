@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
 import common
+import ingest
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def seqs(tok):
-    rows = common.load_preferences("synthetic", "validation", tok, max_rows=6)
+    rows = ingest.load_preferences("synthetic", "validation", tok, max_rows=6)
     data = common.tokenize_preferences(rows, tok, 64, "synthetic")
     return data["chosen"][:6], data["prompt_len"][:6]
 
