@@ -304,6 +304,20 @@ def sequence_rewards(reward_model, seqs, pad_id: int) -> torch.Tensor:
     )
 
 
+def sampling_config(tokenizer, max_new_tokens: int, temperature: float, greedy: bool = False):
+    """Plain sampling from the model's distribution at `temperature` (no top-k or top-p truncation, so that the
+    log-probs computed at the same temperature are those of the sampled tokens' distribution), or greedy."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=end_token_id(tokenizer),
+        **sampling,
+    )
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, pad_id: int, end_id: int, generation_config):
     """Responses to prompts (lists of ids), cut after the first end token. Returns the prompts left-padded and the
@@ -388,19 +402,7 @@ def shard(batch: list, rank: int, world: int) -> list:
     return batch[rank * per : (rank + 1) * per]
 
 
-def warm_start(
-    model,
-    seqs,
-    prompt_lens,
-    pad_id: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    rank: int = 0,
-    world: int = 1,
-    tracker=None,
-):
+def warm_start(model, seqs, prompt_lens, pad_id, steps, batch_size, lr, seed, rank=0, world=1, tracker=None):
     """Supervised fine-tuning of a (tiny, randomly initialised) policy on completions: the mean next-token loss of
     the completion tokens, AdamW with cosine decay to 0. `model` may be a DDP wrapper (each rank takes its shard)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GenerationConfig, get_scheduler
+from transformers import AutoModelForCausalLM, get_scheduler
 
 import common
 import ingest
@@ -173,9 +173,10 @@ def evaluate(model, reference, data, pad_id, beta, batch_size, where="evaluation
 
 
 @torch.no_grad()
-def evaluate_generations(model, reference, tokenizer, prompts, domains, generation_config, batch_size) -> dict:
-    """Sample a response per prompt; per-domain mean gold reward (embedded task) and the mean KL to the
+def evaluate_generations(model, reference, tokenizer, rows, generation_config, batch_size) -> dict:
+    """Sample a response to each prompt of `rows`; per-domain mean gold reward (embedded task) and the mean KL to the
     reference on those samples (k3 estimate summed over the response tokens, both at the sampling temperature)."""
+    prompts, domains = rows["prompt"], rows["domain"]
     model.eval()
     gold, kl, end_id = [], [], common.end_token_id(tokenizer)
     for i in range(0, len(prompts), batch_size):
@@ -195,12 +196,7 @@ def evaluate_generations(model, reference, tokenizer, prompts, domains, generati
 
 if __name__ == "__main__":
     args, run = lifecycle.start(Args)  # flags, torchrun, the output folder's previous run, seeding
-    per_step = run.world * args.gradient_accumulation_steps
-    if args.batch_size % per_step:
-        raise common.ArgumentError(
-            f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {per_step}"
-        )
-    args.micro_batch_size = args.batch_size // per_step
+    args.micro_batch_size = run.per_process(args.batch_size, args.gradient_accumulation_steps)
     if args.sft_steps is None:
         args.sft_steps = 0 if args.model_name_or_path else 1000
 
@@ -266,15 +262,7 @@ if __name__ == "__main__":
                     for i in range(0, len(train["chosen"]), 256)
                 ]
             )
-    generation_config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=True,
-        temperature=args.temperature,
-        top_k=0,
-        top_p=1.0,
-        pad_token_id=pad_id,
-        eos_token_id=common.end_token_id(tokenizer),
-    )
+    generation_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature)
 
     def evaluate_all(step):
         results = {}
@@ -285,17 +273,10 @@ if __name__ == "__main__":
                 )
                 if args.eval_generations and all(map(common.has_gold_reward, rows["prompt"], rows["domain"])):
                     sample = rows.select(range(min(args.eval_generations, len(rows))))
-                    results[split].update(
-                        evaluate_generations(
-                            model,
-                            reference,
-                            tokenizer,
-                            sample["prompt"],
-                            sample["domain"],
-                            generation_config,
-                            args.eval_batch_size,
-                        )
+                    generated = evaluate_generations(
+                        model, reference, tokenizer, sample, generation_config, args.eval_batch_size
                     )
+                    results[split].update(generated)
             run.log_eval(step, split, results[split])
         return results
 

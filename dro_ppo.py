@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import common
 import ingest
@@ -329,13 +329,10 @@ def evaluate(
 
 if __name__ == "__main__":
     args, run = lifecycle.start(Args)  # flags, torchrun, the output folder's previous run, seeding
-    if args.batch_size % run.world:
-        raise common.ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
-    args.local_batch_size = args.batch_size // run.world * args.samples_per_prompt
+    args.local_batch_size = run.per_process(args.batch_size) * args.samples_per_prompt  # rollouts per process
     if args.local_batch_size % args.num_minibatches:
         raise common.ArgumentError(
-            f"rollouts per process {args.local_batch_size} must be divisible by "
-            f"--num-minibatches {args.num_minibatches}"
+            f"{args.local_batch_size} rollouts per process must split into --num-minibatches {args.num_minibatches}"
         )
     args.minibatch_size = args.local_batch_size // args.num_minibatches
     if args.weights_from == "loo" and args.samples_per_prompt < 2 and args.dro.kind != "group":
@@ -421,20 +418,8 @@ if __name__ == "__main__":
             {"params": critic.parameters(), "lr": args.value_learning_rate},
         ]
     )
-    generation_config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=True,
-        temperature=args.temperature,
-        top_k=0,
-        top_p=1.0,
-        pad_token_id=pad_id,
-        eos_token_id=end_id,
-    )
-    eval_config = (
-        GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=end_id)
-        if args.eval_greedy
-        else generation_config
-    )
+    generation_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature)
+    eval_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature, greedy=args.eval_greedy)
     run.print(
         f"{args.run_id}: {len(train['ids'])} training prompts, policy: {lifecycle.parameter_counts(policy, critic)} "
         f"with the critic's, reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "

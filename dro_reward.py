@@ -134,12 +134,7 @@ def evaluate(model, data, pad_id, batch_size, where="evaluation"):
 
 if __name__ == "__main__":
     args, run = lifecycle.start(Args)  # flags, torchrun, the output folder's previous run, seeding
-    per_step = run.world * args.gradient_accumulation_steps
-    if args.batch_size % per_step:
-        raise common.ArgumentError(
-            f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps = {per_step}"
-        )
-    args.micro_batch_size = args.batch_size // per_step
+    args.micro_batch_size = run.per_process(args.batch_size, args.gradient_accumulation_steps)
 
     # Data: preference pairs as token ids; global batches of row indices, epoch after epoch
     tokenizer = lifecycle.load_tokenizer(args)

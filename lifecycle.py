@@ -164,6 +164,13 @@ class Run:
         torch.manual_seed(args.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    def per_process(self, batch_size: int, parts: int = 1, flag: str = "--batch-size") -> int:
+        """This process's share of a global batch split over the processes and `parts` (e.g. accumulation steps);
+        a batch that does not split evenly is refused."""
+        if batch_size % (self.world * parts):
+            raise ArgumentError(f"{flag} {batch_size} must be divisible by processes x {parts} = {self.world * parts}")
+        return batch_size // (self.world * parts)
+
     def print(self, message: str):
         if self.rank == 0:
             print(message)
