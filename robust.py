@@ -2,9 +2,10 @@
 
 A minibatch holds N pairs (or rollouts) over B distinct prompts with per-prompt losses l_i. The robust loss is
 
-    L(theta) = max_{q in Q_rho} sum_i q_i * l_i(theta),   Q_rho = {q in simplex_B : D(q || uniform) <= rho},
+    L(theta) = max_{q in Q_rho} sum_i q_i * l_i(theta),   Q_rho = {q in simplex_B : D(q || p0) <= rho},
 
-and by Danskin's theorem its gradient is sum_i q*_i grad l_i, with q* the maximiser computed from the detached
+with p0_i = n_i / N the batch's empirical prompt distribution (uniform when every prompt is distinct), and
+by Danskin's theorem its gradient is sum_i q*_i grad l_i, with q* the maximiser computed from the detached
 losses. `robust_weights` computes q* exactly for each ambiguity set (the closed forms of the design's table);
 `robust_prompt_weights` groups a batch's losses by prompt, gathers them over processes, and returns each loss's
 share of q*. Read this file with the scripts: it is the method. Nothing in it depends on the rest of the project.
@@ -75,12 +76,10 @@ def robust_weights(losses: torch.Tensor, kind: str, rho: float, return_dual: boo
     Q_rho is the ball of radius rho around the centre `p0` (a 1-D tensor of B positive probabilities summing to 1 up
     to the rounding of its dtype; None: uniform, 1/B). When the centre itself is the maximiser (erm, rho = 0, B = 1,
     all losses equal) it is returned exactly as given, so that q* / p0 is exactly 1 there. Exact maximisers (kl: to
-    1e-10 in the divergence), computed in float64 without gradient in a few O(B) passes (selection, never a sort of
-    all B losses), no Python loop over B; finite for any finite losses, up to spreads of the whole float64 range.
-    The same holds around any centre; a uniform one runs the uniform code, bit for bit the same. Entries with equal
-    losses always get equal weights relative to their p0 (equal q_i / p0_i). With `return_dual`, also returns the
-    dual variable (tv: the rho-quantile eta of the losses under p0; chi2: the threshold eta; kl: the temperature tau;
-    else nan).
+    1e-10 in the divergence), computed in float64 without gradient in O(B) passes, no Python loop over B; finite for
+    any finite losses, up to spreads of the whole float64 range. Equal losses get equal q_i / p0_i. With
+    `return_dual`, also returns the dual variable (tv: the rho-quantile eta of the losses under p0; chi2: the
+    threshold eta; kl: the temperature tau; else nan).
     """
     if kind not in DRO_KINDS:
         raise ValueError(f"unknown DRO kind {kind!r}; expected one of {DRO_KINDS}")
@@ -91,290 +90,159 @@ def robust_weights(losses: torch.Tensor, kind: str, rho: float, return_dual: boo
     x = losses.detach().to(torch.float64)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("robust_weights got a NaN or infinite loss")
-    B = x.numel()
-    centre, p = _centre(p0, B, x.device)
+    centre = _centre(p0, x)
     top, scale = x.max(), 1.0
-    x = x - top  # equivariance to shifts, and no overflow anywhere below
+    x = x - top  # equivariance to shifts; every loss is now <= 0 and the maxima are exactly 0
     if not math.isfinite(x.min().item()):  # a spread beyond the float64 range: halve (q* is scale-invariant)
-        x, top, scale = (losses.detach().to(torch.float64) / 2 - top / 2), top / 2, 2.0
-    at_max = x == 0
-    dual = float("nan")
-    if kind == "erm" or rho == 0 or B == 1 or bool(at_max.all()):
-        if centre is not None:  # q* = p0, bit for bit
-            return (centre, dual) if return_dual else centre
-        q = torch.full_like(x, 1.0 / B)
-    elif kind == "tv":  # p is None for a uniform centre: the original code, rank selection and all
-        q, eta = _tv(x, at_max, rho) if p is None else _tv_p0(x, at_max, p, rho)
-        dual = scale * (eta + top.item())
-    elif kind == "cvar":
-        q = _cvar(x, rho) if p is None else _cvar_p0(x, p, rho)
-    elif kind == "chi2":
-        q, eta = _chi2(x, at_max, rho) if p is None else _chi2_p0(x, at_max, p, rho)
-        dual = scale * (eta + top.item())
-    else:
-        q, tau = _kl(x, at_max, rho) if p is None else _kl_p0(x, at_max, p, rho)
-        dual = scale * tau
+        x, top, scale = losses.detach().to(torch.float64) / 2 - top / 2, top / 2, 2.0
+    if kind == "erm" or rho == 0 or x.numel() == 1 or bool((x == 0).all()):
+        return (centre, math.nan) if return_dual else centre
+    q, dual = {"tv": _tv, "cvar": _cvar, "chi2": _chi2, "kl": _kl}[kind](x, centre / centre.sum(), rho)
+    dual = scale * (dual + top.item()) if kind in ("tv", "chi2") else scale * dual  # back to the losses' units
     q = q / q.sum()
     return (q, dual) if return_dual else q
 
 
-def _centre(p0, B, device):
-    # Returns (p0 as float64, exactly as given; p0 normalised, or None when uniform). A uniform centre takes the
-    # original uniform code below, so every result with p0 = None or uniform is bit for bit what it always was.
+def _centre(p0, x):
+    # p0 as float64 (uniform when None), checked to be a probability vector.
     if p0 is None:
-        return None, None
-    if not isinstance(p0, torch.Tensor) or p0.shape != (B,):
-        raise ValueError(f"p0 must be a 1-D tensor of {B} probabilities, got {getattr(p0, 'shape', type(p0))}")
-    centre = p0.detach().to(device=device, dtype=torch.float64)
+        return torch.full_like(x, 1.0 / x.numel())
+    if not isinstance(p0, torch.Tensor) or p0.shape != x.shape:
+        raise ValueError(f"p0 must be a 1-D tensor of {x.numel()} probabilities, got {getattr(p0, 'shape', type(p0))}")
+    centre = p0.detach().to(x)
     # Each entry rounded to p0's dtype errs by at most eps/2 of itself, so the sum by at most eps/2 in all; B * eps
     # also admits p0 computed with a few more roundings per entry (n_i / N in float32, a softmax).
     eps = torch.finfo(p0.dtype if p0.is_floating_point() else torch.float64).eps
-    if not (
-        bool(torch.isfinite(centre).all()) and bool((centre > 0).all()) and abs(centre.sum().item() - 1) <= B * eps
-    ):
+    if not (bool((centre > 0).all()) and abs(centre.sum().item() - 1) <= x.numel() * eps):  # (NaN fails > 0)
         raise ValueError("p0 must hold positive probabilities summing to 1 (drop the entries of probability 0)")
-    if bool((centre == centre[0]).all()):
-        return centre, None
-    return centre, centre / centre.sum()
+    return centre
 
 
-def _tv(x, at_max, rho):
-    # Take mass rho from the smallest losses (each down to 0), give it to the largest (shared by ties).
-    B = x.numel()
-    m = min(rho, 1.0)
-    j = min(int(math.floor(m * B)), B - 1)  # the (j+1)-th smallest loss is the partially emptied one
-    eta = torch.kthvalue(x, j + 1).values
+def _tv(x, p, rho):
+    """Move mass m = rho from the smallest losses to the largest: q_i = 0 below eta, p_i between eta and the maximum,
+    the maxima gain m in proportion to p_i, and the losses at eta keep the fraction (P(x <= eta) - m) / P(x = eta) of
+    theirs, eta being the rho-quantile of the losses under p. (Once rho >= 1 - P(maxima), all the rest moves.)"""
+    at_max = x == 0
+    p_max = p[at_max].sum().item()
+    m = min(rho, 1.0 - p_max)
+    eta = _quantile(x, p, m)
     below, at = x < eta, x == eta
-    removed_at = (m - below.sum().item() / B) / at.sum().item()  # mass each tie at eta gives up
-    q = torch.full_like(x, 1.0 / B)
-    q[below] = 0.0
-    q[at] = max(1.0 / B - removed_at, 0.0)
-    q[at_max] += (1.0 - q.sum()) / at_max.sum()
-    return q, eta.item()
+    kept = 1.0 - (m - p[below].sum().item()) / p[at].sum().item()
+    r = torch.ones_like(x).masked_fill_(at, min(max(kept, 0.0), 1.0)).masked_fill_(below, 0.0)
+    return p * r.masked_fill_(at_max, 1.0 + m / p_max), eta  # q_i = p_i r_i
 
 
-def _cvar(x, rho):
-    # Fill the largest losses up to the cap (1 + rho) / B until the mass is spent; ties share.
-    B = x.numel()
-    cap = min((1.0 + rho) / B, 1.0)
-    n = min(max(int(math.ceil(1.0 / cap)), 1), B)  # how many losses get mass
-    b = torch.kthvalue(x, B - n + 1).values  # n-th largest loss
+def _cvar(x, p, rho):
+    """Fill the caps (1 + rho) p_i from the largest loss down until the mass is 1: q_i = (1 + rho) p_i above the
+    threshold b, 0 below it, and the losses at b share the rest, 1 - (1 + rho) P(x > b), in proportion to p_i. b is
+    where the caps reach 1, (1 + rho) P(x > b) < 1 <= (1 + rho) P(x >= b): the rho / (1 + rho)-quantile under p."""
+    b = _quantile(x, p, rho / (1.0 + rho))
     above, at = x > b, x == b
-    q = torch.zeros_like(x)
-    q[above] = cap
-    q[at] = max(1.0 - cap * above.sum().item(), 0.0) / at.sum().item()
-    return q.clamp(max=cap)
+    share = (1.0 - (1.0 + rho) * p[above].sum().item()) / p[at].sum().item()
+    r = torch.zeros_like(x).masked_fill_(at, min(max(share, 0.0), 1.0 + rho)).masked_fill_(above, 1.0 + rho)
+    return p * r, math.nan
 
 
-def _chi2(x, at_max, rho, iters=100):
-    # q_i proportional to (x_i - eta)_+ with eta such that (1/2B) sum (B q_i - 1)^2 = rho (Levy et al. 2020).
-    # For a fixed active set {x > eta} of size k the equation is a quadratic in eta, solved in closed
-    # form. Starting from all losses, the active set shrinks to the support of q* (as in Michelot's
-    # simplex projection), in a handful of O(B) passes. Where rounding defeats the closed form (losses
-    # spread over many orders of magnitude), a bisection on eta, which cannot fail, takes over.
-    B = x.numel()
-    c = 1.0 + 2.0 * rho  # the constraint in the form B * sum q_i^2 = c
-    if B * 1.0 / at_max.sum().item() <= c:  # even the point mass on the maxima is inside the set
-        return at_max.to(x.dtype), 0.0
-    active = torch.ones_like(x, dtype=torch.bool)
-    for _ in range(iters):
-        k = active.sum().item()
-        mean = (x * active).sum() / k
-        denom = c / B - 1.0 / k  # > 0 in exact arithmetic: the support of q* has more than B / c losses
-        if denom <= 0:
-            return _chi2_bisection(x, c)
-        eta = mean - torch.sqrt((((x - mean) * active) ** 2).sum() / denom) / k
-        new_active = x > eta
-        if torch.equal(new_active, active):
-            break
-        active = new_active
-    q = (x - eta).clamp(min=0.0)
-    if not (
-        math.isfinite(eta.item())
-        and 0 < q.sum().item() < math.inf
-        and abs(B * (q / q.sum()).square().sum().item() - c) <= 1e-6 * c
-    ):
-        return _chi2_bisection(x, c)
-    return q, eta.item()
-
-
-def _chi2_bisection(x, c, p=None, iters=200):
-    # f(eta) = sum p (x - eta)_+^2 / (sum p (x - eta)_+)^2 (p = 1/B: B sum (x - eta)_+^2 / (sum (x - eta)_+)^2) grows
-    # from 1 (eta -> -inf) to 1 / p(maxima) > c (eta -> 0): bisect for f(eta) = c on losses scaled to [-1, 0],
-    # keeping the side where the constraint holds.
-    B, scale = x.numel(), -x.min()
-    y = x / scale
-
-    def f(eta):
-        r = (y - eta).clamp(min=0.0)
-        if p is None:
-            return B * (r / r.sum()).square().sum().item()
-        return ((p * r * r).sum() / (p * r).sum() ** 2).item()
-
-    lo, hi = -1.0, 0.0
-    while f(lo) > c:  # f -> 1 as eta -> -inf
-        lo = 2.0 * lo
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if f(mid) <= c else (lo, mid)
-    r = (y - lo).clamp(min=0.0)
-    return (r if p is None else p * r), lo * scale.item()
-
-
-def _kl(x, at_max, rho, iters=1100):
-    # q_i proportional to exp(x_i / tau), tau such that KL(q || uniform) = rho. We solve for
-    # beta = 1 / tau with Newton steps safeguarded by bisection: dKL/dbeta = beta * Var_q(x) >= 0.
-    B = x.numel()
-    if math.log(B / at_max.sum().item()) <= rho:  # the point mass on the maxima is inside the set
-        return at_max.to(x.dtype), 0.0
-    scale = -x.min()  # losses now lie in [-scale, 0] with scale > 0
-    y = x / scale
-
-    def kl_and_slope(beta):
-        e = torch.exp(beta * y)  # y <= 0 with max 0: no overflow, and the sum is >= 1
-        total = e.sum()
-        mean = (e * y).sum() / total
-        kl = beta * mean - torch.log(total) + math.log(B)
-        return kl.item(), beta * ((e * (y - mean) ** 2).sum() / total).item()
-
-    beta = math.sqrt(2.0 * rho / y.var(unbiased=False).item())  # KL ~ beta^2 Var(y) / 2 for small beta
-    beta = _kl_beta(kl_and_slope, rho, beta, iters)
-    q = torch.softmax(beta * y, 0)
-    return q, scale.item() / beta if beta > 0 else math.inf
-
-
-def _kl_beta(kl_and_slope, rho, beta, iters):
-    # The beta >= 0 with KL(beta) = rho from a first guess: Newton steps safeguarded by bisection.
-    lo, hi = 0.0, math.inf
-    for _ in range(iters):
-        kl, slope = kl_and_slope(beta)
-        if abs(kl - rho) <= 1e-10 * max(1.0, rho):
-            break
-        lo, hi = (beta, hi) if kl < rho else (lo, beta)
-        step = beta - (kl - rho) / slope if slope > 0 else math.nan
-        beta = step if lo < step < hi else (0.5 * (lo + hi) if hi < math.inf else 2.0 * beta)
-    if kl - rho > 1e-10 * max(1.0, rho):  # not converged (near-ties at a tiny fraction of the spread): feasible side
-        beta = lo
-    return beta
-
-
-def _weighted_quantile(x, p, m, sample=4096):
-    # The smallest loss v with p(losses <= v) > m, without sorting the B losses (Floyd and Rivest's selection): two
-    # pivots read off a strided sample of the candidates bracket v with a margin, and one pass keeps only the
-    # candidates between them (a tenth when p is near uniform). Should that not halve them (a very skewed p), the
-    # next pivot is their median (kthvalue), which does: O(B) in all. The last few candidates are sorted. Masses
-    # are summed afresh from the candidates; should rounding leave no candidate above m, v is the largest.
-    below, from_sample = 0.0, True  # below: the mass of the losses ruled out as smaller than v
-    while x.numel() > 4 * sample:
+def _quantile(x, p, m):
+    """The m-quantile of the losses under p: the smallest loss v with P(x <= v) > m (the largest, should rounding
+    leave none), found by sorting. While many losses remain, two pivots read off a sorted sample bracket v first: one
+    pass keeps only the losses between them (or, should v lie outside, beyond them) and the exact mass below."""
+    below = 0.0  # the mass of the losses ruled out as smaller than v
+    while x.numel() > 16384:
         n = x.numel()
-        if from_sample:
-            s, order = torch.sort(x[:: n // sample])
-            cum = p[:: n // sample][order].cumsum(0)
-            f = (m - below) / p.sum().item() * cum[-1]  # the target, in the sample's mass
-            bracket = torch.stack([f - 3.0 * cum[-1] / math.sqrt(len(s)), f + 3.0 * cum[-1] / math.sqrt(len(s))])
-            lo, hi = s[torch.searchsorted(cum, bracket).clamp(max=len(s) - 1)].tolist()
-        else:
-            lo = hi = torch.kthvalue(x, (n + 1) // 2).values.item()
+        sample, order = torch.sort(x[:: n // 4096])
+        cum = p[:: n // 4096][order].cumsum(0)
+        i = int(torch.searchsorted(cum, (m - below) / p.sum() * cum[-1]))  # v's rank in the sample, give or take 32
+        lo, hi = sample[max(i - 128, 0)], sample[min(i + 128, len(sample) - 1)]
         mass_lo = below + torch.where(x < lo, p, 0.0).sum().item()
         inside = (x >= lo) & (x <= hi)
         mass_hi = mass_lo + torch.where(inside, p, 0.0).sum().item()
-        if mass_lo > m:  # > below, so some candidate lies below lo
-            keep = x < lo
-        elif mass_hi > m:
-            if lo == hi:
-                return lo
-            keep, below = inside, mass_lo
-        else:
-            keep, below = x > hi, mass_hi
-            if not bool(keep.any()):
-                return hi
-        x, p = x[keep], p[keep]
-        from_sample = x.numel() <= n // 2
+        keep, kept_below = (x < lo, below) if mass_lo > m else (inside, mass_lo) if mass_hi > m else (x > hi, mass_hi)
+        if 2 * keep.sum() > n:  # no progress (an unlucky sample, many ties): sort what is left
+            break
+        x, p, below = x[keep], p[keep], kept_below
     s, order = torch.sort(x)
     cum = below + p[order].cumsum(0)
     return s[torch.searchsorted(cum, m, right=True).clamp(max=len(s) - 1)].item()
 
 
-def _tv_p0(x, at_max, p, rho):
-    # _tv around a centre p: take mass rho from the smallest losses, each down to 0, the last one (the weighted
-    # rho-quantile eta, with its ties) only partly, each tie keeping the same fraction of its p_i; the maxima gain
-    # it in proportion to their p_i. Once rho >= 1 - p(maxima), every other loss is emptied.
-    m = min(rho, 1.0)
-    p_max = p[at_max].sum().item()
-    if m >= 1.0 - p_max:
-        return p * at_max, 0.0
-    eta = _weighted_quantile(x, p, m)
-    below, at = x < eta, x == eta
-    kept = 1.0 - (m - p[below].sum().item()) / p[at].sum().item()  # the fraction of its mass each tie at eta keeps
-    q = p.clone()
-    q[below] = 0.0
-    q[at] = p[at] * min(max(kept, 0.0), 1.0)
-    q[at_max] += p[at_max] * ((1.0 - q.sum()) / p_max)
-    return q, eta
-
-
-def _cvar_p0(x, p, rho):
-    # _cvar around a centre p: the caps are (1 + rho) p_i. The losses above the threshold b fill theirs and those at
-    # b share the rest in proportion to p_i, b being where the caps filled from the top reach 1: (1 + rho) p(x > b) < 1
-    # <= (1 + rho) p(x >= b), i.e. the smallest loss with p(losses <= b) > rho / (1 + rho), a weighted quantile.
-    cap = ((1.0 + rho) * p).clamp(max=1.0)
-    b = _weighted_quantile(x, p, rho / (1.0 + rho))
-    above, at = x > b, x == b
-    q = torch.where(above, cap, 0.0)
-    q[at] = p[at] * (max(1.0 - cap[above].sum().item(), 0.0) / p[at].sum().item())
-    return torch.minimum(q, cap)
-
-
-def _chi2_p0(x, at_max, p, rho, iters=100):
-    # _chi2 around a centre p: q_i proportional to p_i (x_i - eta)_+ with sum q_i^2 / p_i = c = 1 + 2 rho. On an
-    # active set of mass P, p-mean m and p-spread V = sum p_i (x_i - m)^2 the constraint reads (V + P d^2) / (P d)^2 = c
-    # with d = m - eta, so d = sqrt(V / (P (c P - 1))); the active set shrinks to the support as in _chi2. (P > 1 / c
-    # on the support: sum q^2 / p >= 1 / p(support) by Cauchy-Schwarz, with equality only on tied maxima.)
-    c = 1.0 + 2.0 * rho
-    if 1.0 / p[at_max].sum().item() <= c:  # the point mass on the maxima (sum q^2 / p = 1 / p(maxima)) is inside
+def _chi2(x, p, rho, iters=100):
+    """q_i proportional to p_i (x_i - eta)_+, eta such that (1/2) sum p_i (q_i / p_i - 1)^2 = rho, i.e. sum q_i^2 / p_i
+    = c = 1 + 2 rho (Levy et al. 2020). On an active set {x > eta} of mass P, p-mean mu and p-spread V = sum p_i (x_i -
+    mu)^2 over it, the constraint (V + P d^2) / (P d)^2 = c with d = mu - eta gives d = sqrt(V / (P (c P - 1))).
+    Starting from all losses, the active set shrinks to the support of q* (as in Michelot's projection onto the
+    simplex) in a handful of O(B) passes; where rounding defeats this (losses spread over many orders of magnitude),
+    a bisection on eta takes over."""
+    c, at_max = 1.0 + 2.0 * rho, x == 0
+    if c * p[at_max].sum().item() >= 1.0:  # the point mass on the maxima (sum q^2 / p = 1 / P(maxima)) is inside
         return p * at_max, 0.0
     active = torch.ones_like(x, dtype=torch.bool)
     for _ in range(iters):
         w = p * active
         mass = w.sum()
         mean = (w * x).sum() / mass
-        denom = mass * (c * mass - 1.0)
+        denom = mass * (c * mass - 1.0)  # > 0 on the support in exact arithmetic: c P(support) > 1 (Cauchy-Schwarz)
         if denom <= 0:
-            return _chi2_bisection(x, c, p)
+            return _chi2_bisection(x, p, c)
         eta = mean - torch.sqrt((w * (x - mean) ** 2).sum() / denom)
-        new_active = x > eta
-        if torch.equal(new_active, active):
+        if torch.equal(x > eta, active):
             break
-        active = new_active
+        active = x > eta
     r = (x - eta).clamp(min=0.0)  # q_i / p_i, up to the normalisation
     q = p * r
-    if not (
-        math.isfinite(eta.item())
-        and 0 < q.sum().item() < math.inf
-        and abs((q * r).sum().item() / q.sum().item() ** 2 - c) <= 1e-6 * c
-    ):
-        return _chi2_bisection(x, c, p)
-    return q, eta.item()
+    if abs(((q * r).sum() / q.sum() ** 2).item() - c) <= 1e-6 * c:  # (False for a NaN eta or an empty q)
+        return q, eta.item()
+    return _chi2_bisection(x, p, c)
 
 
-def _kl_p0(x, at_max, p, rho, iters=1100):
-    # _kl around a centre p: q_i proportional to p_i exp(x_i / tau); KL(q || p) = beta E_q[y] - log sum p exp(beta y).
-    if -math.log(p[at_max].sum().item()) <= rho:  # the point mass on the maxima is inside the set
-        return p * at_max, 0.0
+def _chi2_bisection(x, p, c, iters=200):
+    # sum p r^2 / (sum p r)^2 with r = (x - eta)_+ grows from 1 (eta -> -inf) to 1 / P(maxima) > c (eta -> 0): bisect
+    # for = c on losses scaled to [-1, 0], keeping the feasible side. It is tested as 1 / P + V / (P m)^2 <= c (P, m
+    # and V: the mass, p-mean and p-spread of r where r > 0), which keeps V > 0 where a one-pass sum rounds it away:
+    # on a support of mass exactly 1 / c, the next loss down must still get its tiny weight.
+    y = x / -x.min()
+
+    def feasible(eta):
+        r = (y - eta).clamp(min=0.0)
+        w = p * (r > 0)
+        mass = w.sum()
+        mean = (w * r).sum() / mass
+        return bool((w * (r - mean) ** 2).sum() <= (c - 1.0 / mass) * (mass * mean) ** 2)
+
+    lo, hi = -1.0, 0.0
+    while not feasible(lo):
+        lo = 2.0 * lo
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+    return p * (y - lo).clamp(min=0.0), lo * -x.min().item()
+
+
+def _kl(x, p, rho, iters=1100):
+    """q_i proportional to p_i exp(x_i / tau), tau such that KL(q || p) = rho. On losses scaled to y in [-1, 0] and
+    with beta = scale / tau, KL(beta) = beta E_q[y] - log sum_i p_i exp(beta y_i) grows with beta (its slope is
+    beta Var_q(y)) from 0 to -log P(maxima): Newton steps for KL(beta) = rho, safeguarded by bisection."""
+    if -math.log(p[x == 0].sum().item()) <= rho:  # the point mass on the maxima is inside the set
+        return p * (x == 0), 0.0
     scale = -x.min()
     y = x / scale
-
-    def kl_and_slope(beta):
-        e = p * torch.exp(beta * y)  # y <= 0 with max 0: no overflow, and the sum is >= p(maxima) > 0
+    beta = math.sqrt(2.0 * rho / (p * (y - (p * y).sum()) ** 2).sum().item())  # KL ~ beta^2 Var_p(y) / 2 for small beta
+    lo, hi, log_p = 0.0, math.inf, torch.log(p)
+    for _ in range(iters):
+        e = torch.exp(torch.add(log_p, y, alpha=beta))  # p_i exp(beta y_i) <= 1, and the sum is >= P(maxima) > 0
         total = e.sum()
-        mean = (e * y).sum() / total
-        kl = beta * mean - torch.log(total)
-        return kl.item(), beta * ((e * (y - mean) ** 2).sum() / total).item()
-
-    beta = math.sqrt(2.0 * rho / (p * (y - (p * y).sum()) ** 2).sum().item())  # KL ~ beta^2 Var_p(y) / 2
-    beta = _kl_beta(kl_and_slope, rho, beta, iters)
-    q = torch.softmax(beta * y + torch.log(p), 0)
-    return q, scale.item() / beta if beta > 0 else math.inf
+        mean = torch.dot(e, y) / total
+        kl = (beta * mean - torch.log(total)).item()
+        if abs(kl - rho) <= 1e-10 * max(1.0, rho):
+            break
+        lo, hi = (beta, hi) if kl < rho else (lo, beta)
+        d = y - mean
+        slope = beta * (torch.dot(e * d, d) / total).item()
+        step = beta - (kl - rho) / slope if slope > 0 else math.nan
+        beta = step if lo < step < hi else (0.5 * (lo + hi) if hi < math.inf else 2.0 * beta)
+    if kl - rho > 1e-10 * max(1.0, rho):  # not converged (near-ties at a tiny fraction of the spread): feasible side
+        beta = lo
+    return torch.softmax(torch.add(log_p, y, alpha=beta), 0), scale.item() / beta if beta > 0 else math.inf
 
 
 def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: DROArgs, groups=None, domains=None):
