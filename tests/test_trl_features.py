@@ -313,3 +313,25 @@ def test_track_without_wandb_is_refused_at_parse_time(monkeypatch, capsys, tmp_p
         assert e.value.code == 2 and "--track" in message and "wandb is not installed" in message
         assert tyro.cli(args_class, args=["--output-dir", str(out)]).track is False
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders of bench/sweep.py, read by bench/plot.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sweep_names_runs_as_run_ids_read_and_plot_reads_both_names(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import plot
+    import sweep
+
+    monkeypatch.setattr(sweep, "ROOT", str(tmp_path))
+    runs = tmp_path / "runs" / "sweep_dro_reward"
+    assert sweep.run_folder("sweep_dro_reward", "chi2", "0.5", 1, 8) == str(runs / "chi2-0.5_s1_n8")
+    for name in ("chi2-0.5_s1_n8", "chi20.5_s2_n8", "erm-0_s1_n8", "chi2-1_s1_n8"):  # new and earlier names
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text(json.dumps({"step": 8, "split": "validation"}) + "\n")
+        (runs / name / "args.json").write_text("{}")
+    assert sweep.run_folder("sweep_dro_reward", "chi2", "0.5", 2, 8) == str(runs / "chi20.5_s2_n8")  # reused
+    found = plot.load_runs(str(runs), 8, "validation")
+    assert {k: len(v) for k, v in found.items()} == {"chi2:0.5": 2, "erm:0": 1, "chi2:1": 1}
