@@ -116,7 +116,7 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     temperature: float = 1.0
     """sampling temperature of evaluation generations (their KL to the reference is taken at it too)"""
     top_p: float = 1.0
-    """nucleus sampling of evaluation generations (1.0: off); their KL stays that of the full distributions"""
+    """nucleus sampling of evaluation generations (1.0: off); their KL is still taken on the full logits"""
     top_k: int = 0
     """sample evaluation generations from the k most likely tokens only (0: off)"""
     log_every: int = 10
