@@ -304,12 +304,17 @@ def sequence_rewards(reward_model, seqs, pad_id: int) -> torch.Tensor:
     )
 
 
-def sampling_config(tokenizer, max_new_tokens: int, temperature: float, greedy: bool = False):
-    """Plain sampling from the model's distribution at `temperature` (no top-k or top-p truncation, so that the
-    log-probs computed at the same temperature are those of the sampled tokens' distribution), or greedy."""
+def sampling_config(
+    tokenizer, max_new_tokens: int, temperature: float, greedy: bool = False, top_p: float = 1.0, top_k: int = 0
+):
+    """Sampling at `temperature`, truncated to the `top_k` most likely tokens (0: all) and to the smallest set of
+    probability >= `top_p` (1.0: all), or greedy. By default no truncation, so that the log-probs computed at the same
+    temperature are those of the distribution the tokens were sampled from. With truncation they are not: the
+    scripts still compute log-probs from the full logits at the temperature, as TRL's GRPOTrainer does."""
     from transformers import GenerationConfig
 
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = dict(do_sample=False) if greedy else sampling
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,

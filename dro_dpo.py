@@ -12,7 +12,8 @@ minimises the loss under the worst prompt distribution near the uniform one:
 
 Its gradient is sum_i q*_i grad l_i with q* computed from the detached losses (`robust.robust_prompt_weights`
 in robust.py; D = total variation, chi-square, KL or CVaR); rho = 0 is plain DPO. Under torchrun the worst case
-is over the global batch. Everything else is the DPO you know.
+is over the global batch. Everything else is the DPO you know. `--loss-type ipo` or `hinge` replaces the
+per-pair loss by TRL's IPO or hinge (SLiC) loss: the robust weights wrap any per-prompt loss the same way.
 
     python dro_dpo.py                                  # embedded benchmark, robust default
     python dro_dpo.py --dro.kind tv --dro.rho 0.2
@@ -22,7 +23,7 @@ is over the global batch. Everything else is the DPO you know.
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,9 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     """a Hugging Face causal LM; default: a tiny Llama built from a config"""
     tokenizer_name_or_path: Optional[str] = None
     """the tokenizer, if not the model's own"""
+    keep_dropout: bool = False
+    """keep the model's dropout in training (default: off, as TRL's disable_dropout=True: a step's loss is then
+    that of the model evaluated, ln 2 at the first step)"""
     ref_model: Optional[str] = None
     """the frozen reference pi_ref, if not the starting policy (e.g. the SFT model a trained policy came from)"""
     sft_steps: Optional[int] = None
@@ -74,7 +78,11 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     dro: robust.DROArgs = field(default_factory=robust.DROArgs)
     """the ambiguity set over the prompts of a batch"""
     beta: float = 0.1
-    """DPO temperature: strength of the implicit KL regularisation to the reference"""
+    """DPO temperature: strength of the implicit KL regularisation to the reference (IPO: its tau)"""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """the per-pair loss, as TRL's DPOTrainer defines it: sigmoid (DPO), ipo (on per-token mean log-ratios), hinge"""
+    label_smoothing: float = 0.0
+    """sigmoid only: the probability eps that a label is flipped (conservative DPO), in [0, 0.5)"""
     precompute_ref_logps: bool = False
     """compute the reference log-probs of all training pairs once before training (saves a forward per step)"""
 
@@ -107,6 +115,10 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     """maximum new tokens of evaluation generations"""
     temperature: float = 1.0
     """sampling temperature of evaluation generations (their KL to the reference is taken at it too)"""
+    top_p: float = 1.0
+    """nucleus sampling of evaluation generations (1.0: off); their KL is still taken on the full logits"""
+    top_k: int = 0
+    """sample evaluation generations from the k most likely tokens only (0: off)"""
     log_every: int = 10
     """log training metrics every this many steps"""
 
@@ -123,14 +135,48 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
                 "max_length max_train_rows max_eval_rows max_grad_norm beta sft_learning_rate max_new_tokens "
                 "temperature"
             ),
-            non_negative="weight_decay warmup_steps eval_every sft_steps eval_generations",
+            non_negative="weight_decay warmup_steps eval_every sft_steps eval_generations top_k",
         )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"--label-smoothing applies to --loss-type sigmoid, not {self.loss_type}")
+        if self.lora_dropout and not self.keep_dropout:
+            raise ValueError("--lora-dropout needs --keep-dropout: dropout is off by default (as in TRL)")
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """Per-example DPO losses -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) from summed log-probs."""
-    logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(beta * logits)
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
+    """Per-example losses from summed completion log-probs, as TRL 1.16's DPOTrainer computes them (tested against
+    its source). logits = log pi/ref(y_w) - log pi/ref(y_l); sigmoid: -log sigmoid(beta * logits); hinge:
+    relu(1 - beta * logits); ipo: (logits - 1 / (2 beta))^2 with each log-ratio divided by its response's number of
+    tokens (`*_lengths`). Label smoothing eps (conservative DPO): -(1 - eps) log sigmoid(beta * logits) - eps log
+    sigmoid(-beta * logits), the sigmoid loss of earlier TRL versions (1.16's sigmoid ignores label_smoothing)."""
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    logits = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+        if label_smoothing:  # conservative DPO: the label is wrong with probability eps
+            losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * logits)
+        return losses
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * logits)
+    if loss_type == "ipo":  # per-token means, as TRL (and the IPO authors' results) do
+        logits = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
+        return (logits - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss type {loss_type!r}")
 
 
 def pair_logps(model, data, idx, pad_id):
@@ -140,7 +186,7 @@ def pair_logps(model, data, idx, pad_id):
     return logps.sum(-1).split(len(idx))
 
 
-def pair_losses(model, reference, data, idx, pad_id, beta, ref_logps=None):
+def pair_losses(model, reference, data, idx, pad_id, beta, ref_logps=None, loss_type="sigmoid", label_smoothing=0.0):
     """The DPO loss of rows `idx` and the implicit rewards beta * log pi/ref of the chosen and rejected responses.
     The reference goes first: its temporaries are freed before the policy's graph is built."""
     if ref_logps is not None:
@@ -149,7 +195,9 @@ def pair_losses(model, reference, data, idx, pad_id, beta, ref_logps=None):
         with torch.no_grad():
             ref_chosen, ref_rejected = pair_logps(reference, data, idx, pad_id)
     chosen, rejected = pair_logps(model, data, idx, pad_id)
-    losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+    lengths = [[len(data[key][i]) - data["prompt_len"][i] for i in idx] for key in ("chosen", "rejected")]
+    lengths = torch.tensor(lengths, dtype=chosen.dtype, device=chosen.device)  # response tokens (IPO's means)
+    losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing, *lengths)
     return losses, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
 
 
@@ -221,6 +269,8 @@ if __name__ == "__main__":
         model = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     model.config.pad_token_id = pad_id
     model.to(run.device)
+    if not args.keep_dropout:  # as TRL (disable_dropout=True): train() computes what eval() does
+        lifecycle.disable_dropout(model)
     if args.sft_steps and not run.resuming:  # imitate both responses of each pair, as a base model might sample
         common.warm_start(
             run.replicate(model),
@@ -262,7 +312,10 @@ if __name__ == "__main__":
                     for i in range(0, len(train["chosen"]), 256)
                 ]
             )
-    generation_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature)
+    loss_options = dict(loss_type=args.loss_type, label_smoothing=args.label_smoothing)  # the per-pair loss
+    generation_config = common.sampling_config(
+        tokenizer, args.max_new_tokens, args.temperature, top_p=args.top_p, top_k=args.top_k
+    )
 
     def evaluate_all(step):
         results = {}
@@ -294,14 +347,14 @@ if __name__ == "__main__":
         with lifecycle.autocast(args, run.device):
             if len(micro_batches) == 1:
                 losses, chosen_rewards, rejected_rewards = pair_losses(
-                    parallel_model, reference, train, batch, pad_id, args.beta, ref_logps
+                    parallel_model, reference, train, batch, pad_id, args.beta, ref_logps, **loss_options
                 )
                 detached = losses.detach()
             else:
                 with torch.no_grad():
                     detached = torch.cat(
                         [
-                            pair_losses(model, reference, train, idx, pad_id, args.beta, ref_logps)[0]
+                            pair_losses(model, reference, train, idx, pad_id, args.beta, ref_logps, **loss_options)[0]
                             for idx in micro_batches
                         ]
                     )
@@ -314,7 +367,7 @@ if __name__ == "__main__":
             if len(micro_batches) > 1:
                 with lifecycle.autocast(args, run.device):
                     losses, chosen_rewards, rejected_rewards = pair_losses(
-                        parallel_model, reference, train, idx, pad_id, args.beta, ref_logps
+                        parallel_model, reference, train, idx, pad_id, args.beta, ref_logps, **loss_options
                     )
             loss = (weights[j * args.micro_batch_size : (j + 1) * args.micro_batch_size] * losses).sum() * run.world
             run.stop_on_nonfinite_loss(loss, step)

@@ -130,6 +130,11 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     """maximum response length; a response without EOS by then is penalised"""
     temperature: float = 1.0
     """sampling temperature of rollouts (log-probabilities are computed at the same temperature)"""
+    top_p: float = 1.0
+    """nucleus sampling of rollouts and evaluations (1.0: off); log-probs stay those of the full logits at
+    --temperature, as in TRL's GRPOTrainer, so the ratio and KL ignore the truncation"""
+    top_k: int = 0
+    """sample rollouts and evaluations from the k most likely tokens only (0: off); log-probs as with --top-p"""
 
     # Evaluation
     eval_every: int = 20
@@ -154,8 +159,10 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
                 "value_learning_rate max_grad_norm max_new_tokens temperature eval_batch_size max_prompt_length "
                 "max_train_rows max_eval_rows sft_learning_rate cliprange cliprange_value gamma"
             ),
-            non_negative="kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps",
+            non_negative="kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps top_k",
         )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.lora_dropout:
             raise ValueError("--lora-dropout must be 0: PPO's ratio compares the policy with itself, dropout is off")
 
@@ -418,8 +425,11 @@ if __name__ == "__main__":
             {"params": critic.parameters(), "lr": args.value_learning_rate},
         ]
     )
-    generation_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature)
-    eval_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature, greedy=args.eval_greedy)
+    sampling = dict(top_p=args.top_p, top_k=args.top_k)
+    generation_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature, **sampling)
+    eval_config = common.sampling_config(
+        tokenizer, args.max_new_tokens, args.temperature, greedy=args.eval_greedy, **sampling
+    )
     run.print(
         f"{args.run_id}: {len(train['ids'])} training prompts, policy: {lifecycle.parameter_counts(policy, critic)} "
         f"with the critic's, reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "

@@ -8,7 +8,9 @@ Instead of the mean of the l_i we minimise the loss under the worst prompt distr
 
 By Danskin's theorem the gradient is sum_i q*_i grad l_i, with q* the maximiser computed from the
 detached losses (`robust.robust_prompt_weights`, robust.py; D = total variation, chi-square, KL or CVaR).
-rho = 0 is plain (ERM) reward modelling. Under torchrun the worst case is over the global batch.
+rho = 0 is plain (ERM) reward modelling. Under torchrun the worst case is over the global batch. With
+--center-rewards-coefficient c each pair's loss gains c * (r(x, y_w) + r(x, y_l))^2 (TRL's reward centring, per
+pair so that the worst case sees it; at rho = 0 it is TRL's c * mean((r_w + r_l)^2)).
 
     python dro_reward.py                                     # embedded benchmark, robust default
     python dro_reward.py --dro.kind erm                      # the ERM baseline
@@ -59,10 +61,14 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     """a Hugging Face model (loaded with AutoModelForSequenceClassification, num_labels=1); default: a tiny Llama"""
     tokenizer_name_or_path: Optional[str] = None
     """the tokenizer, if not the model's own"""
+    keep_dropout: bool = False
+    """keep the model's dropout in training (default: off, as TRL's disable_dropout=True: train() computes eval())"""
 
     # Algorithm
     dro: robust.DROArgs = field(default_factory=robust.DROArgs)
     """the ambiguity set over the prompts of a batch"""
+    center_rewards_coefficient: float = 0.0
+    """add c * (r_w + r_l)^2 to each pair's loss, pulling rewards towards mean zero (TRL's; it suggests 0.01)"""
 
     # Optimisation
     total_steps: int = 1000
@@ -102,16 +108,21 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
                 "total_steps batch_size gradient_accumulation_steps learning_rate eval_batch_size "
                 "log_every max_length max_train_rows max_eval_rows max_grad_norm"
             ),
-            non_negative="weight_decay warmup_steps eval_every",
+            non_negative="weight_decay warmup_steps eval_every center_rewards_coefficient",
         )
+        if self.lora_dropout and not self.keep_dropout:
+            raise ValueError("--lora-dropout needs --keep-dropout: dropout is off by default (as in TRL)")
 
 
-def pair_losses(model, data, idx, pad_id):
+def pair_losses(model, data, idx, pad_id, center_rewards_coefficient=0.0):
     """The Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l)) of rows `idx` (chosen and rejected in one
-    forward), and the two rewards."""
+    forward), plus c * (r(x, y_w) + r(x, y_l))^2 with c = `center_rewards_coefficient`, and the two rewards."""
     seqs = [data["chosen"][i] for i in idx] + [data["rejected"][i] for i in idx]
     chosen_rewards, rejected_rewards = common.sequence_rewards(model, seqs, pad_id).split(len(idx))
-    return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards.detach(), rejected_rewards.detach()
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    if center_rewards_coefficient:  # TRL's reward centring, per pair: the robust weights see it
+        losses = losses + center_rewards_coefficient * (chosen_rewards + rejected_rewards) ** 2
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
 @torch.no_grad()
@@ -158,6 +169,8 @@ if __name__ == "__main__":
     else:
         model = AutoModelForSequenceClassification.from_config(common.tiny_config(tokenizer, num_labels=1))
     model.config.pad_token_id = pad_id
+    if not args.keep_dropout:  # as TRL (disable_dropout=True): train() computes what eval() does
+        lifecycle.disable_dropout(model)
     model = lifecycle.prepare_model(model.to(run.device), args, "SEQ_CLS")  # gradient checkpointing, LoRA
     parallel_model = run.distribute(model)  # DDP, FSDP2 with --fsdp, or the model itself in one process
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -182,6 +195,7 @@ if __name__ == "__main__":
         return results
 
     # Training loop
+    center = args.center_rewards_coefficient  # reward centring in each pair's loss (0: off)
     for step in run.steps(args.total_steps, "training"):
         batch = common.shard(next(batches), run.rank, run.world)  # this process's share of the global batch
         micro_batches = [batch[i : i + args.micro_batch_size] for i in range(0, len(batch), args.micro_batch_size)]
@@ -191,11 +205,11 @@ if __name__ == "__main__":
         #    over all micro-batches first, so that every backward uses the weights of the whole batch.
         with lifecycle.autocast(args, run.device):
             if len(micro_batches) == 1:
-                losses, chosen_rewards, rejected_rewards = pair_losses(parallel_model, train, batch, pad_id)
+                losses, chosen_rewards, rejected_rewards = pair_losses(parallel_model, train, batch, pad_id, center)
                 detached = losses.detach()
             else:
                 with torch.no_grad():
-                    detached = torch.cat([pair_losses(model, train, idx, pad_id)[0] for idx in micro_batches])
+                    detached = torch.cat([pair_losses(model, train, idx, pad_id, center)[0] for idx in micro_batches])
         prompt_ids = torch.tensor([train["prompt_id"][i] for i in batch], device=run.device)
         domains = [train["domain"][i] for i in batch]
         weights, dro_stats = robust.robust_prompt_weights(detached, prompt_ids, args.dro, groups, domains)
@@ -204,7 +218,7 @@ if __name__ == "__main__":
         for j, idx in enumerate(micro_batches):
             if len(micro_batches) > 1:
                 with lifecycle.autocast(args, run.device):
-                    losses, chosen_rewards, rejected_rewards = pair_losses(parallel_model, train, idx, pad_id)
+                    losses, chosen_rewards, rejected_rewards = pair_losses(parallel_model, train, idx, pad_id, center)
             loss = (weights[j * args.micro_batch_size : (j + 1) * args.micro_batch_size] * losses).sum() * run.world
             run.stop_on_nonfinite_loss(loss, step)
             with lifecycle.no_sync(parallel_model, skip=j < len(micro_batches) - 1):

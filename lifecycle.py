@@ -18,6 +18,8 @@ a kill cannot corrupt.
 
 import contextlib
 import copy
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -49,7 +51,7 @@ class RunArgs:
     output_dir: Optional[str] = None
     """where metrics.jsonl, TensorBoard logs, checkpoints and the model go (default: runs/<run_id>)"""
     track: bool = False
-    """if toggled, mirror the logs to Weights and Biases"""
+    """if toggled, mirror the logs to Weights and Biases (needs wandb installed: checked at parse time)"""
     wandb_project_name: str = "dro-rlhf"
     """the wandb project name"""
     wandb_entity: Optional[str] = None
@@ -111,6 +113,10 @@ class RunArgs:
         )
         if self.fsdp and self.lora_r:
             raise ValueError("--fsdp with --lora-r is not supported yet: LoRA models are trained replicated (DDP)")
+        if self.track and importlib.util.find_spec("wandb") is None:  # refused before anything is written
+            raise ValueError(
+                "--track mirrors the logs to Weights and Biases, but wandb is not installed (pip install wandb)"
+            )
 
 
 def check_args(args, positive: str = "", non_negative: str = "", fraction: str = ""):
@@ -152,7 +158,7 @@ class Run:
         self.distributed, self.rank, self.world, self.device = init_distributed()
         self.evaluating = self.rank == 0 or args.fsdp  # with --fsdp every process takes part in each forward
         args.world_size = self.world
-        dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}{args.dro.rho}"
+        dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}-{args.dro.rho}"  # e.g. chi2-0.5
         args.run_id = f"{dataset_name}__{args.exp_name}__{robust}__{args.seed}__{int(time.time())}"
         if (args.resume or args.resume_from) and not args.output_dir:
             raise ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
@@ -614,7 +620,7 @@ class Tracker:
                 project=args.wandb_project_name,
                 entity=args.wandb_entity,
                 sync_tensorboard=True,
-                config=vars(args),
+                config=dataclasses.asdict(args),  # nested flags (--dro.kind) as nested dicts
                 name=args.run_id,
                 id=args.run_id,
                 resume="allow",
@@ -870,4 +876,7 @@ def save_run(output_dir: str, args, model, tokenizer, step: int, base_changed: b
         print("saving the weights with the LoRA adapter merged")
     if args.save_model:
         save_atomically(model, tokenizer, os.path.join(output_dir, "model"), weights)
-    write_atomically(os.path.join(output_dir, "args.json"), json.dumps(vars(args), default=str, indent=1))
+    # plain JSON: nested flags (--dro.kind, --dro.rho) as an object, not as their repr
+    write_atomically(
+        os.path.join(output_dir, "args.json"), json.dumps(vars(args), default=dataclasses.asdict, indent=1)
+    )

@@ -122,7 +122,7 @@ def measured(folder: str, split: str):
     out = {}
     for path in sorted(glob.glob(os.path.join(folder, "*_s*_n*", "metrics.jsonl"))):
         name = os.path.basename(os.path.dirname(path))
-        match = re.fullmatch(r"(erm|tv|chi2|kl|cvar|group)([0-9.]+)_s(\d+)_n\d+", name)
+        match = re.fullmatch(r"(erm|tv|chi2|kl|cvar|group)-?([0-9.]+)_s(\d+)_n\d+", name)  # chi2-0.5 or chi20.5
         if not match or not os.path.exists(os.path.join(os.path.dirname(path), "args.json")):
             continue
         rows = [json.loads(line) for line in open(path) if json.loads(line)["split"] == split]

@@ -1,4 +1,4 @@
-"""Draw the README's figures from the runs bench/sweep.py writes (runs/sweep_<script>/<kind><rho>_s<seed>_n<steps>).
+"""Draw the README's figures from the runs bench/sweep.py writes (runs/sweep_<script>/<kind>-<rho>_s<seed>_n<steps>).
 
     python bench/plot.py                 # docs/ood_domains.png, docs/worst_vs_steps.png, docs/groups_refusals.png
 
@@ -43,7 +43,7 @@ def load_runs(folder: str, steps: int, split: str) -> dict:
     runs = {}
     for path in sorted(glob.glob(os.path.join(folder, f"*_s*_n{steps}", "metrics.jsonl"))):
         match = re.fullmatch(
-            r"(erm|tv|chi2|kl|cvar|group)([0-9.]+)_s(\d+)_n\d+", os.path.basename(os.path.dirname(path))
+            r"(erm|tv|chi2|kl|cvar|group)-?([0-9.]+)_s(\d+)_n\d+", os.path.basename(os.path.dirname(path))
         )
         if not match or not os.path.exists(os.path.join(os.path.dirname(path), "args.json")):
             continue  # not a sweep run, or one that did not finish

@@ -4,8 +4,9 @@
     python bench/sweep.py --steps 4000 --settings erm:0 chi2:0.5   # its 4x budget check
     python bench/sweep.py --script dro_dpo.py --steps 600 --settings erm:0 chi2:0.5 chi2:1 --metric gold_reward
 
-Runs go to runs/sweep_<script>[_<tag>]/<kind><rho>_s<seed>_n<steps>; finished runs (with args.json) are reused, an
-unfinished one is run again from the start (--overwrite). Two runs at a time, one thread each. Prints, for each
+Runs go to runs/sweep_<script>[_<tag>]/<kind>-<rho>_s<seed>_n<steps> (e.g. chi2-0.5_s1_n1000, as run ids read);
+finished runs (with args.json) are reused, also under the names of earlier sweeps (chi20.5_s1_n1000), an unfinished
+one is run again from the start (--overwrite). Two runs at a time, one thread each. Prints, for each
 setting, mean +- std over seeds of the per-domain accuracy on the in-distribution validation split (used to choose
 the default) and on the shifted test_uniform split.
 """
@@ -22,9 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = ["erm:0", "tv:0.1", "tv:0.3", "chi2:0.25", "chi2:0.5", "chi2:1", "kl:0.5", "cvar:1"]
 
 
+def run_folder(folder, kind, rho, seed, steps):
+    """runs/<folder>/<kind>-<rho>_s<seed>_n<steps>, or a finished run of an earlier sweep named <kind><rho>_s..."""
+    old = os.path.join(ROOT, "runs", folder, f"{kind}{rho}_s{seed}_n{steps}")
+    new = os.path.join(ROOT, "runs", folder, f"{kind}-{rho}_s{seed}_n{steps}")
+    return old if os.path.exists(os.path.join(old, "args.json")) else new
+
+
 def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag=""):
     folder = f"sweep_{os.path.basename(script)[:-3]}" + (f"_{tag}" if tag else "")
-    out = os.path.join(ROOT, "runs", folder, f"{kind}{rho}_s{seed}_n{steps}")
+    out = run_folder(folder, kind, rho, seed, steps)
     if not os.path.exists(os.path.join(out, "args.json")):
         cmd = [
             sys.executable,
@@ -97,7 +105,7 @@ if __name__ == "__main__":
         for s in a.settings:
             means = []
             for kind, rho, seed in (j for j in jobs if f"{j[0]}:{j[1]}" == s):
-                events = EventAccumulator(os.path.join(ROOT, "runs", folder, f"{kind}{rho}_s{seed}_n{a.steps}"))
+                events = EventAccumulator(run_folder(folder, kind, rho, seed, a.steps))
                 events.Reload()
                 means.append(statistics.mean(e.value for e in events.Scalars(a.scalar)))
             spread = f" ± {statistics.stdev(means):.3f}" if len(means) > 1 else ""
