@@ -270,11 +270,59 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int = 1, temperature: float = 1.0):
-    """log pi(ids[:, t] | ids[:, :t]) for t >= start, at `temperature`, and the logits that predict them."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    logits = logits[:, start - 1 : -1].float() / temperature
-    return torch.gather(F.log_softmax(logits, -1), 2, ids[:, start:, None]).squeeze(-1), logits
+LOGITS_CHUNK_BYTES = 2**27  # float32 logits handled at once by the log-prob, entropy and KL reductions below
+
+
+def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, start: int = 1) -> torch.Tensor:
+    """The logits that predict ids[:, t] for t >= start, [N, T - start, V], in the model's dtype: the output layer
+    runs only at these positions (the model's `logits_to_keep`), so a prompt costs no [N, P, V] logits."""
+    keep = ids.shape[1] - start + 1  # positions start - 1 .. T - 1; the last one predicts nothing
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=keep).logits[:, :-1]
+
+
+def _time_chunks(logits: torch.Tensor):
+    """Slices of the time axis whose float32 copies fit in LOGITS_CHUNK_BYTES (at least one position each)."""
+    n, t, v = logits.shape
+    step = max(1, LOGITS_CHUNK_BYTES // (4 * n * v))
+    return [slice(i, i + step) for i in range(0, t, step)]
+
+
+def _logprobs_and_entropy(logits, targets, temperature: float, entropy: bool):
+    x = logits.float() / temperature if temperature != 1.0 else logits.float()
+    lse = x.logsumexp(-1)
+    logps = x.gather(-1, targets[..., None]).squeeze(-1) - lse
+    return logps, (lse - (x.softmax(-1) * x).sum(-1) if entropy else None)  # H = log Z - E_p[x]
+
+
+def token_logprobs(model, ids, mask, start: int = 1, temperature: float = 1.0, entropy: bool = False):
+    """log pi(ids[:, t] | ids[:, :t]) for t >= start at `temperature`, in float32 ([N, T - start]); with
+    `entropy`, also the entropy of each of these next-token distributions. Each log-prob is logit - logsumexp,
+    a chunk of positions at a time and recomputed in the backward pass, so nothing of size [N, T, V] is held
+    beyond the model's own logits (never a float32 copy, a temperature copy or a full log_softmax)."""
+    logits, targets = next_token_logits(model, ids, mask, start), ids[:, start:]
+    logps, entropies = [], []
+    for t in _time_chunks(logits):
+        if torch.is_grad_enabled() and logits.requires_grad:  # keep only the chunk's inputs for the backward
+            lp, h = torch.utils.checkpoint.checkpoint(
+                _logprobs_and_entropy, logits[:, t], targets[:, t], temperature, entropy, use_reentrant=False
+            )
+        else:
+            lp, h = _logprobs_and_entropy(logits[:, t], targets[:, t], temperature, entropy)
+        logps.append(lp)
+        entropies.append(h)
+    return (torch.cat(logps, 1), torch.cat(entropies, 1)) if entropy else torch.cat(logps, 1)
+
+
+@torch.no_grad()
+def token_kl(model, reference, ids, mask, start: int = 1, temperature: float = 1.0) -> torch.Tensor:
+    """The exact KL(pi || ref) of the next-token distributions at each position t >= start, at `temperature`:
+    E_p[x - y] - logsumexp(x) + logsumexp(y) for the two models' logits x and y, a chunk at a time."""
+    x_all, y_all = next_token_logits(model, ids, mask, start), next_token_logits(reference, ids, mask, start)
+    kl = []
+    for t in _time_chunks(x_all):
+        x, y = x_all[:, t].float() / temperature, y_all[:, t].float() / temperature
+        kl.append((x.softmax(-1) * (x - y)).sum(-1) - x.logsumexp(-1) + y.logsumexp(-1))
+    return torch.cat(kl, 1)
 
 
 def completion_logprobs(model, seqs, prompt_lens, pad_id: int, side: str = "right"):
@@ -282,7 +330,7 @@ def completion_logprobs(model, seqs, prompt_lens, pad_id: int, side: str = "righ
     [N, T - 1]; the result is the same with any amount of padding on either side."""
     ids, mask = pad(seqs, pad_id, side)
     ids, mask = ids.to(device_of(model)), mask.to(device_of(model))
-    logps, _ = token_logprobs(model, ids, mask)
+    logps = token_logprobs(model, ids, mask)
     first = mask.shape[1] - mask.sum(1) if side == "left" else torch.zeros_like(mask[:, 0])  # first real token
     after_prompt = (
         torch.arange(1, ids.shape[1], device=ids.device)

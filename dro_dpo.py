@@ -233,8 +233,8 @@ def evaluate_generations(model, reference, tokenizer, rows, generation_config, b
             model, prompt_ids, tokenizer.pad_token_id, end_id, generation_config
         )
         start = ids.shape[1] - responses.shape[1]
-        logps, _ = common.token_logprobs(model, ids, mask, start, generation_config.temperature)
-        ref_logps, _ = common.token_logprobs(reference, ids, mask, start, generation_config.temperature)
+        logps = common.token_logprobs(model, ids, mask, start, generation_config.temperature)
+        ref_logps = common.token_logprobs(reference, ids, mask, start, generation_config.temperature)
         kl += (common.kl_k3(logps, ref_logps) * response_mask).sum(-1).tolist()
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         gold += list(map(common.synthetic_gold_reward, prompts[i : i + batch_size], texts, domains[i : i + batch_size]))

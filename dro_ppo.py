@@ -43,7 +43,6 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import common
@@ -312,10 +311,8 @@ def evaluate(
             policy, prompt_ids, tokenizer.pad_token_id, common.end_token_id(tokenizer), generation_config
         )
         start = ids.shape[1] - responses.shape[1]
-        _, logits = common.token_logprobs(policy, ids, mask, start, temperature)
-        _, ref_logits = common.token_logprobs(reference, ids, mask, start, temperature)
         # exact KL of the next-token distributions, summed over the response: the sequence KL in expectation
-        kl = (F.softmax(logits, -1) * (F.log_softmax(logits, -1) - F.log_softmax(ref_logits, -1))).sum(-1)
+        kl = common.token_kl(policy, reference, ids, mask, start, temperature)
         kls += (kl * response_mask).sum(1).tolist()
         rollouts = (prompts, domains, prompt_ids, responses, response_mask)
         if has_gold:
@@ -483,10 +480,9 @@ if __name__ == "__main__":
                 policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
             )
             context_len = ids.shape[1] - responses.shape[1]
-            logprobs, logits = common.token_logprobs(policy, ids, mask, context_len, args.temperature)
-            ref_logprobs, _ = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
-            entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), response_mask)
-            del logits
+            logprobs, entropy = common.token_logprobs(policy, ids, mask, context_len, args.temperature, entropy=True)
+            ref_logprobs = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
+            entropy = masked_mean(entropy, response_mask)
             values = critic(ids, mask)[:, context_len - 1 : -1]
             scores = rollout_scores(
                 tokenizer,
@@ -523,7 +519,7 @@ if __name__ == "__main__":
         for _ in range(args.num_ppo_epochs):
             for mb in torch.randperm(args.local_batch_size, device=run.device).split(args.minibatch_size):
                 with lifecycle.autocast(args, run.device):
-                    new_logprobs, _ = common.token_logprobs(
+                    new_logprobs = common.token_logprobs(
                         parallel_policy, ids[mb], mask[mb], context_len, args.temperature
                     )
                     new_values = parallel_critic(ids[mb], mask[mb])[:, context_len - 1 : -1]

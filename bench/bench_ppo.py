@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
@@ -69,10 +68,9 @@ def iteration(s, train, mine, args, tok, generation_config):
             policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
         )
         context_len = ids.shape[1] - responses.shape[1]
-        logprobs, logits = common.token_logprobs(policy, ids, mask, context_len, args.temperature)
-        ref_logprobs, _ = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
-        entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), response_mask)  # noqa: F841 (logged by the script)
-        del logits
+        logprobs, entropy = common.token_logprobs(policy, ids, mask, context_len, args.temperature, entropy=True)
+        ref_logprobs = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
+        entropy = masked_mean(entropy, response_mask)  # noqa: F841 (logged by the script)
         values = critic(ids, mask)[:, context_len - 1 : -1]
         scores = rollout_scores(
             tok,
@@ -104,7 +102,7 @@ def iteration(s, train, mine, args, tok, generation_config):
     for _epoch in range(args.num_ppo_epochs):
         for mb in torch.randperm(args.local_batch_size, device=DEVICE).split(args.minibatch_size):
             with lifecycle.autocast(args, DEVICE):
-                new_logprobs, _ = common.token_logprobs(policy, ids[mb], mask[mb], context_len, args.temperature)
+                new_logprobs = common.token_logprobs(policy, ids[mb], mask[mb], context_len, args.temperature)
                 new_values = critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
             pg_loss, vf_loss, _ = ppo_loss(
                 new_logprobs,

@@ -392,7 +392,6 @@ def ppo_defaults(prompts):
 
 def ppo_ours(mode, steps, prompts, device):
     import torch
-    import torch.nn.functional as F
     from transformers import GenerationConfig
 
     import common
@@ -451,10 +450,9 @@ def ppo_ours(mode, steps, prompts, device):
                     policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
                 )
             context_len = ids.shape[1] - responses.shape[1]
-            logprobs, logits = common.token_logprobs(policy, ids, mask, context_len, args.temperature)
-            ref_logprobs, _ = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
-            entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), response_mask)  # noqa: F841
-            del logits
+            logprobs, entropy = common.token_logprobs(policy, ids, mask, context_len, args.temperature, entropy=True)
+            ref_logprobs = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
+            entropy = masked_mean(entropy, response_mask)  # noqa: F841
             values = critic(ids, mask)[:, context_len - 1 : -1]
             with clock.part("scoring (gold reward)"):
                 scores = rollout_scores(
@@ -484,7 +482,7 @@ def ppo_ours(mode, steps, prompts, device):
         for _ in range(args.num_ppo_epochs):
             for mb in torch.randperm(args.local_batch_size, device=device).split(args.minibatch_size):
                 with clock.part("update forward"), lifecycle.autocast(args, device):
-                    new_logprobs, _ = common.token_logprobs(policy, ids[mb], mask[mb], context_len, args.temperature)
+                    new_logprobs = common.token_logprobs(policy, ids[mb], mask[mb], context_len, args.temperature)
                     new_values = critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
                 pg_loss, vf_loss, _ = ppo_loss(
                     new_logprobs,

@@ -130,7 +130,7 @@ def test_lora_reference_is_the_base_model_exactly():
     the adapter was added, bit for bit, in any mode, while the adapted policy's differ; the policy's mode is kept."""
     tok, base = tiny()
     seqs, ids, mask = batch(tok)
-    expected = common.token_logprobs(base.eval(), ids, mask)[0]
+    expected = common.token_logprobs(base.eval(), ids, mask)
     policy = lifecycle.prepare_model(copy.deepcopy(base), options(lora_r=4, lora_dropout=0.5), "CAUSAL_LM")
     randomise_adapter(policy)
     reference = lifecycle.reference_policy(policy, options(lora_r=4))
@@ -138,10 +138,10 @@ def test_lora_reference_is_the_base_model_exactly():
     for mode in (True, False):
         policy.train(mode)
         with torch.no_grad():
-            assert torch.equal(common.token_logprobs(reference, ids, mask)[0], expected)
+            assert torch.equal(common.token_logprobs(reference, ids, mask), expected)
         assert policy.training == mode
     policy.eval()
-    assert not torch.allclose(common.token_logprobs(policy, ids, mask)[0], expected, atol=1e-3)
+    assert not torch.allclose(common.token_logprobs(policy, ids, mask), expected, atol=1e-3)
     trained = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
 

@@ -1,0 +1,81 @@
+"""common.token_logprobs computes logits only where they are used and log-probs as logit - logsumexp in chunks:
+the same values and gradients as the direct log_softmax of every position, on every architecture of the
+matrix, both padding sides, any temperature, start position and chunk size; entropy and exact KL likewise."""
+
+import pytest
+import torch
+from test_compat import ARCHITECTURES
+from transformers import AutoModelForCausalLM
+
+import common
+
+VOCAB = 97
+
+
+def model_and_batch(arch, side, seed=0):
+    torch.manual_seed(seed)
+    config = ARCHITECTURES[arch](vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config.attn_implementation = "eager"  # (the same kernel on every path)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    seqs = [torch.randint(3, VOCAB, (n,)).tolist() for n in (9, 5, 12, 7)]
+    ids, mask = common.pad(seqs, 0, side)
+    return model, ids, mask
+
+
+def direct(model, ids, mask, start, temperature):
+    """The previous implementation: every position's logits, a float32 copy, a temperature copy, log_softmax."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=common.positions(mask)).logits
+    logits = logits[:, start - 1 : -1].float() / temperature
+    return torch.gather(logits.log_softmax(-1), 2, ids[:, start:, None]).squeeze(-1), logits
+
+
+def tolerance(logits):
+    """float32 round-off of logit - logsumexp against log_softmax: a few ulps of the largest magnitude involved
+    (the logits and log V), with room for the different summation order over V terms."""
+    return 8 * torch.finfo(torch.float32).eps * (logits.abs().max().item() + torch.log(torch.tensor(VOCAB)).item())
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_values_and_gradients_equal_the_direct_log_softmax(arch, side, monkeypatch):
+    model, ids, mask = model_and_batch(arch, side)
+    weights = torch.randn(ids.shape[0], ids.shape[1] - 4)
+    expected, logits = direct(model, ids, mask, 4, 0.7)
+    (expected * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * ids.shape[0] * VOCAB * 3)  # 3 positions per chunk
+    got = common.token_logprobs(model, ids, mask, start=4, temperature=0.7)
+    (got * weights).sum().backward()
+    atol = tolerance(logits)
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+    for name, p in model.named_parameters():
+        if name in grads:  # the same backward through the same layers from inputs a few ulps apart: the error is a
+            # small multiple of eps of the gradient's scale (measured: at most 0.5 eps); allow 64 eps
+            bound = 64 * torch.finfo(torch.float32).eps * grads[name].abs().max().item()
+            torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=bound, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_entropy_and_exact_kl_equal_the_direct_formulas(arch, monkeypatch):
+    model, ids, mask = model_and_batch(arch, "left")
+    reference, _, _ = model_and_batch(arch, "left", seed=1)
+    monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * ids.shape[0] * VOCAB * 2)
+    with torch.no_grad():
+        _, x = direct(model, ids, mask, 3, 1.3)
+        _, y = direct(reference, ids, mask, 3, 1.3)
+        logps, entropy = common.token_logprobs(model, ids, mask, 3, 1.3, entropy=True)
+        kl = common.token_kl(model, reference, ids, mask, 3, 1.3)
+    atol = tolerance(torch.cat([x, y]))
+    torch.testing.assert_close(entropy, -(x.softmax(-1) * x.log_softmax(-1)).sum(-1), rtol=0, atol=atol)
+    by_hand = (x.softmax(-1) * (x.log_softmax(-1) - y.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(kl, by_hand, rtol=0, atol=2 * atol)
+    assert logps.shape == kl.shape == (ids.shape[0], ids.shape[1] - 3)
+
+
+def test_only_the_used_positions_reach_the_output_layer():
+    model, ids, mask = model_and_batch("llama", "right")
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    common.token_logprobs(model, ids, mask, start=8)
+    assert seen == [(ids.shape[0], ids.shape[1] - 7, VOCAB)]  # positions 7 .. T - 1, not T
