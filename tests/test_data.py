@@ -27,6 +27,7 @@ def test_unified_feedback(tok):
         "chosen": "4\n",
         "rejected": "5\n",
         "domain": "ultrafeedback",
+        "chat": False,  # no chat template: plain "role: content" text, tokenized as plain text
         "row": 0,
         "where": os.path.join(FIX, "unified_feedback.jsonl") + ", line 1",
     }
@@ -60,6 +61,8 @@ def test_conversational_rows_use_the_chat_template(tok):
         "chosen": "yes</s>",
         "rejected": "no</s>",
         "domain": "all",
+        "chat": True,
+        "margin": None,
         "row": 0,
         "where": os.path.join(FIX, "conversational.jsonl") + ", line 1",
     }
