@@ -208,10 +208,16 @@ def test_policies(tmp_path, arch, name):
 
 
 def test_encoder_reward_models(tmp_path):
-    """BERT-style reward models (no EOS): sequences are CLS prompt response SEP; the model pools CLS."""
+    """BERT-style reward models (no EOS): sequences are CLS prompt response SEP as the tokenizer itself adds them;
+    the model pools CLS."""
     tok = AutoTokenizer.from_pretrained(BPE)
     tok.cls_token, tok.sep_token, tok.pad_token = "<|bos|>", "<|eos|>", "<|pad|>"
     tok.bos_token = tok.eos_token = None
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|bos|> $A <|eos|>",
+        pair="<|bos|> $A <|eos|> $B <|eos|>",
+        special_tokens=[("<|bos|>", tok.cls_token_id), ("<|eos|>", tok.sep_token_id)],
+    )
     config = transformers.BertConfig(
         vocab_size=len(tok),
         hidden_size=32,
