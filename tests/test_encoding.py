@@ -13,11 +13,11 @@ import datasets
 import pytest
 import torch
 import transformers
+from test_compat import ARCHITECTURES, ROOT, situation
 
 import common
 import dro_dpo
 import ingest
-from test_compat import ARCHITECTURES, ROOT, situation
 
 STYLES = {"gpt2": "bos_is_pad", "llama": "bos_added", "qwen2": "chat_template_eos_turns"}
 PLAIN = [
@@ -146,3 +146,18 @@ def test_pretrained_minilm_reward_model_reads_back_through_pipeline(tmp_path):
     chosen, rejected = score("chosen"), score("rejected")
     read = sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected)) / len(rows)
     assert read == pytest.approx(accuracy)
+
+
+def test_truncation_modes_and_margin():
+    tok = common.tiny_tokenizer()
+    rows = datasets.Dataset.from_list(
+        [{"prompt": "p" * 10, "chosen": "abc", "rejected": "a", "domain": "d", "where": "r0", "margin": 1.5}]
+    )
+    with pytest.raises(common.DataError, match="r0: prompt \\+ response is 14 tokens"):
+        common.tokenize_preferences(rows, tok, 8, "rows")
+    start = common.tokenize_preferences(rows, tok, 12, "rows", truncation_mode="keep_start")
+    assert start["chosen"][0] == tok("p" * 10 + "ab", add_special_tokens=False).input_ids and start["prompt_len"] == [
+        10
+    ]
+    end = common.tokenize_preferences(rows, tok, 12, "rows", truncation_mode="keep_end")
+    assert end["chosen"][0] == tok("p" * 8 + "abc").input_ids and end["prompt_len"] == [8] and end["margin"] == [1.5]
