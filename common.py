@@ -189,7 +189,7 @@ def response_end(tokenizer, chat: bool = False) -> str:
     end the text with it itself (nothing for a tokenizer without EOS)."""
     if chat:
         return ingest.turn_end(tokenizer)
-    if tokenizer.eos_token is None or encode(tokenizer, "a")[-1] == tokenizer.eos_token_id:
+    if tokenizer.eos_token is None or encode(tokenizer, "a")[-1:] == [tokenizer.eos_token_id]:
         return ""
     return tokenizer.eos_token
 
