@@ -164,94 +164,154 @@ EMBEDDED = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Preference rows as token ids (ingest.py reads the files and schemas)
+# Preference rows as token ids: the ecosystem's encoding (ingest.py reads the files and schemas)
 # ----------------------------------------------------------------------------------------------
+# A row is tokenized the way a consumer of the trained model tokenizes the same text, so that TRL, `pipeline` and
+# RewardBench see the tokens training saw (and a reward model's own pooling reads the same, last non-pad, token):
+# - plain text: `tokenizer(prompt + response + EOS)`, with the tokenizer's own special tokens (BOS only where it adds
+#   one), the EOS text appended as TRL's DPOTrainer and RewardTrainer append it, unless `tokenizer(text)` already
+#   ends every text with it (ByT5) or there is none (BERT: its own SEP ends the text);
+# - a conversation: its chat-template text as `apply_chat_template(tokenize=True)` tokenizes it (the template wrote
+#   the special tokens; the turn ends as the template ends it, e.g. `<|im_end|>\n`).
+# Prompt and response are tokenized as one text; the response starts where the prompt's own tokens stop being a
+# prefix of it (a prompt ending in a space can merge with the response: counted and reported once, as TRL warns).
+TRUNCATION_MODES = ("error", "keep_start", "keep_end")
 
 
-def tokenize_preferences(ds, tokenizer, max_length: int, source: str, skip_bad_rows: bool = False):
-    """Token ids of prompt+chosen and prompt+rejected (`encode_prompt` + `encode_response`), the prompt length, an
-    integer prompt id per row (rows that share a prompt share it) and the domain. Never truncates: a row longer
-    than `max_length` raises a DataError naming the row, or is skipped with `skip_bad_rows`."""
-    prompt_id_of, out, skipped = {}, {"chosen": [], "rejected": [], "prompt_len": [], "prompt_id": [], "domain": []}, 0
+def encode(tokenizer, text: str, chat: bool = False) -> list:
+    """Token ids of a text as a consumer gets them: `tokenizer(text)`; chat-template text without adding special
+    tokens (the template wrote them), as `apply_chat_template(tokenize=True)` does."""
+    return tokenizer(text, add_special_tokens=not chat).input_ids
+
+
+def response_end(tokenizer, chat: bool = False) -> str:
+    """The text that closes a response: the chat template's end of turn, or EOS where `tokenizer(text)` does not
+    end the text with it itself (nothing for a tokenizer without EOS)."""
+    if chat:
+        return ingest.turn_end(tokenizer)
+    if tokenizer.eos_token is None or encode(tokenizer, "a")[-1:] == [tokenizer.eos_token_id]:
+        return ""
+    return tokenizer.eos_token
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, where: str = "a prompt") -> list:
+    """Token ids of a prompt as they start its sequences (and as generation continues them): `encode` without what
+    the tokenizer puts after every text (ByT5's EOS, BERT's SEP)."""
+    ids, plain = encode(tokenizer, prompt, chat), encode(tokenizer, prompt, chat=True)
+    start = next((i for i in range(len(ids)) if ids[i : i + len(plain)] == plain), 0)  # after BOS or CLS, if any
+    ids = ids[: start + len(plain)]
+    if not plain:
+        raise DataError(f"{where}: the prompt {prompt!r:.40} tokenizes to nothing (is the tokenizer the model's own?)")
+    return ids
+
+
+def encode_pair(tokenizer, prompt: str, response: str, chat: bool = False, close: Optional[str] = None, where="a row"):
+    """Token ids of prompt + response as one text, the response closed by `close` (default: `response_end`) unless
+    it ends with it already, and the prompt's length in them: where they stop sharing the prompt's own tokens."""
+    ids = encode(tokenizer, prompt + closed(response, response_end(tokenizer, chat) if close is None else close), chat)
+    return ids, shared_prefix(ids, encode_prompt(tokenizer, prompt, chat, where), where)
+
+
+def closed(response: str, close: str) -> str:
+    return response if response.endswith(close) else response + close
+
+
+def shared_prefix(ids: list, prompt_ids: list, where: str = "a row") -> int:
+    """How many first tokens of a sequence are its prompt's own tokens (fewer than the prompt's where they merge)."""
+    n = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
+    if n == len(ids):
+        raise DataError(f"{where}: the response tokenizes to nothing (is the tokenizer the model's own?)")
+    return n
+
+
+def truncate(seqs: list, prompt_len: int, max_length: int, mode: str):
+    """The sequences of one prompt cut to `max_length` tokens by --truncation-mode, and the new prompt length:
+    keep_start keeps each one's start (as TRL's DPO collator), keep_end drops the prompt's first tokens, the same
+    for all (they keep one context). None for mode "error", or where no response token would be left."""
+    over = max(map(len, seqs)) - max_length
+    if mode == "keep_start" and prompt_len < max_length:
+        return [s[:max_length] for s in seqs], prompt_len
+    if mode == "keep_end" and over < prompt_len:
+        return [s[over:] for s in seqs], prompt_len - over
+    return None
+
+
+def tokenize_preferences(
+    ds, tokenizer, max_length: int, source: str, skip_bad_rows: bool = False, truncation_mode: str = "error"
+):
+    """Token ids of prompt+chosen and prompt+rejected (`encode_pair`), the prompt length (the shorter of the two, as
+    in TRL), an integer prompt id per row (rows that share a prompt share it), the domain and the margin (0 without
+    one). A row longer than `max_length` is cut by `truncation_mode`, or (mode "error") raises a DataError naming
+    the row, or is skipped with `skip_bad_rows`."""
+    keys = ("chosen", "rejected", "prompt_len", "prompt_id", "domain", "margin")
+    prompt_id_of, out, skipped, merged, close = {}, {k: [] for k in keys}, 0, 0, {}
     for row in ds:
-        where = row["where"]
-        prompt = encode_prompt(tokenizer, row["prompt"], where)
-        seqs = [prompt + encode_response(tokenizer, row[k], where) for k in ("chosen", "rejected")]
-        longest = max(map(len, seqs))
-        if longest > max_length:
-            if skip_bad_rows:
+        where, chat, prompt = row["where"], row.get("chat", False), row["prompt"]
+        close.setdefault(chat, response_end(tokenizer, chat))
+        c, r = (encode(tokenizer, prompt + closed(row[k], close[chat]), chat) for k in ("chosen", "rejected"))
+        prompt_ids = encode_prompt(tokenizer, prompt, chat, where)
+        prompt_len = min(shared_prefix(c, prompt_ids, where), shared_prefix(r, prompt_ids, where))
+        merged += prompt_len < len(prompt_ids)
+        if max(len(c), len(r)) > max_length:
+            cut = truncate([c, r], prompt_len, max_length, truncation_mode)
+            if cut is None and (skip_bad_rows or truncation_mode != "error"):
                 skipped += 1
                 continue
-            raise DataError(
-                f"{where}: prompt + response is {longest} tokens, more than --max-length "
-                f"{max_length} (rows are never truncated; raise --max-length or pass --skip-bad-rows)"
-            )
-        out["chosen"].append(seqs[0])
-        out["rejected"].append(seqs[1])
-        out["prompt_len"].append(len(prompt))
+            if cut is None:
+                raise DataError(
+                    f"{where}: prompt + response is {max(len(c), len(r))} tokens, more than --max-length "
+                    f"{max_length} (raise --max-length, pass --truncation-mode keep_start|keep_end or --skip-bad-rows)"
+                )
+            (c, r), prompt_len = cut
+        out["chosen"].append(c)
+        out["rejected"].append(r)
+        out["prompt_len"].append(prompt_len)
         out["prompt_id"].append(prompt_id_of.setdefault(row["prompt"], len(prompt_id_of)))
         out["domain"].append(row["domain"])
+        out["margin"].append(float(row.get("margin") or 0.0))
+    if merged:
+        print(
+            f"{source}: in {merged} row(s) the prompt tokenized alone is not a prefix of prompt + response tokenized "
+            "as one text (tokens merge across the boundary, e.g. a prompt ending in a space, or a chat template that "
+            "renders the prompt differently); the response starts where they diverge, as in TRL"
+        )
     if skipped:
-        print(f"{source}: skipped {skipped} row(s) longer than {max_length} tokens (--skip-bad-rows)")
+        print(
+            f"{source}: skipped {skipped} row(s) longer than {max_length} tokens (--truncation-mode {truncation_mode})"
+        )
     if not out["chosen"]:
         raise DataError(f"{source}: no rows fit in --max-length {max_length}")
     return out
 
 
 def load_pairs(
-    source: str, split: str, tokenizer, max_length: int, skip_bad_rows: bool = False, max_rows: Optional[int] = None
+    source: str,
+    split: str,
+    tokenizer,
+    max_length: int,
+    skip_bad_rows: bool = False,
+    max_rows: Optional[int] = None,
+    truncation_mode: str = "error",
 ):
     """`load_preferences` then `tokenize_preferences`: the rows (strings) and their token ids."""
     rows = ingest.load_preferences(source, split, tokenizer, skip_bad_rows, max_rows)
-    return rows, tokenize_preferences(rows, tokenizer, max_length, source, skip_bad_rows)
+    return rows, tokenize_preferences(rows, tokenizer, max_length, source, skip_bad_rows, truncation_mode)
 
 
 # ----------------------------------------------------------------------------------------------
 # Sequences: one convention for every script, on both padding sides
 # ----------------------------------------------------------------------------------------------
-# A sequence is a list of token ids: start token, prompt, response, end token. Batches are padded on either
-# side, and the attention mask and position ids always come from the lengths, never from `ids != pad`: a pad
-# id equal to EOS or BOS (GPT-2, Llama without a pad token) then hides nothing.
-
-
-def start_token_id(tokenizer):
-    """BOS, or CLS for encoders (BERT-style reward models); None when the tokenizer has neither."""
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+# A sequence is a list of token ids made by `encode_pair`. Batches are padded on either side, and the attention
+# mask and position ids always come from the lengths, never from `ids != pad`: a pad id equal to EOS or BOS (GPT-2,
+# Llama without a pad token) then hides nothing.
 
 
 def end_token_id(tokenizer):
-    """EOS, or SEP for encoders: the token every training sequence ends with and every rollout stops at."""
+    """EOS, or SEP for encoders: the token every rollout stops at."""
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
     if end is None:
-        raise ValueError("the tokenizer has neither an EOS nor a SEP token; sequences need an end token")
+        raise ValueError("the tokenizer has neither an EOS nor a SEP token; generation needs an end token")
     return end
-
-
-def encode_prompt(tokenizer, prompt: str, where: str = "a prompt") -> list:
-    """Token ids of a prompt, starting with the start token (once, even when a chat template already wrote it)."""
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    start = start_token_id(tokenizer)
-    if start is not None and ids[:1] != [start]:
-        ids = [start] + ids
-    if len(ids) <= (start is not None):
-        raise DataError(f"{where}: the prompt {prompt!r:.40} tokenizes to nothing (is the tokenizer the model's own?)")
-    return ids
-
-
-def encode_response(tokenizer, response: str, where: str = "a response") -> list:
-    """Token ids of a response ending with the end token exactly once: a chat template that already ends the
-    turn with it (e.g. `<|im_end|>` then a newline) is cut after it, anything else gets it appended."""
-    ids, end = tokenizer(response, add_special_tokens=False).input_ids, end_token_id(tokenizer)
-    last = len(ids) - 1 - ids[::-1].index(end) if end in ids else None
-    if last is not None and not tokenizer.decode(ids[last + 1 :]).strip():
-        ids = ids[: last + 1]  # the template ended the turn: keep its end token, drop the whitespace after it
-    else:
-        ids = ids + [end]
-    if len(ids) < 2:
-        raise DataError(
-            f"{where}: the response {response!r:.40} tokenizes to nothing (is the tokenizer the model's own?)"
-        )
-    return ids
 
 
 def pad(seqs, pad_id: int, side: str = "right"):

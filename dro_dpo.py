@@ -228,7 +228,7 @@ def evaluate_generations(model, reference, tokenizer, rows, generation_config, b
     model.eval()
     gold, kl, end_id = [], [], common.end_token_id(tokenizer)
     for i in range(0, len(prompts), batch_size):
-        prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]  # as in training
+        prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]  # plain text, as trained
         ids, mask, responses, response_mask, _ = common.generate(
             model, prompt_ids, tokenizer.pad_token_id, end_id, generation_config
         )
@@ -252,12 +252,24 @@ if __name__ == "__main__":
     tokenizer = lifecycle.load_tokenizer(args)
     pad_id = tokenizer.pad_token_id
     _, train = common.load_pairs(
-        args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows, args.max_train_rows
+        args.dataset,
+        args.dataset_split,
+        tokenizer,
+        args.max_length,
+        args.skip_bad_rows,
+        args.max_train_rows,
+        args.truncation_mode,
     )
+    if any(train["margin"]):
+        print(
+            f"{args.dataset}: the 'margin' column is not used by DPO (nor by TRL's DPOTrainer); dro_reward.py uses it"
+        )
     groups = robust.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
     batches = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed)
     eval_sets = {
-        name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
+        name: common.load_pairs(
+            source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows, args.truncation_mode
+        )
         for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
     run.open_folder()  # once the inputs are checked

@@ -166,24 +166,32 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
             raise ValueError("--lora-dropout must be 0: PPO's ratio compares the policy with itself, dropout is off")
 
 
-def load_prompts(source, split, tokenizer, max_prompt_length, skip_bad_rows=False, max_rows=None):
-    """Tokenized prompts of a preference source, and its chosen responses (for the warm start). Prompts are never
-    truncated: a longer one is an error naming the row, or skipped with --skip-bad-rows."""
-    data, skipped = {"text": [], "ids": [], "chosen": [], "domain": []}, 0
+def load_prompts(
+    source, split, tokenizer, max_prompt_length, skip_bad_rows=False, max_rows=None, truncation_mode="error"
+):
+    """Tokenized prompts of a preference source (`common.encode_prompt`), whether each is chat-template text, and its
+    chosen responses as whole sequences with their prompt lengths (for the warm start). A longer prompt than
+    max_prompt_length is an error naming the row, skipped with --skip-bad-rows, or cut by --truncation-mode."""
+    data, skipped = {"text": [], "ids": [], "chat": [], "chosen": [], "chosen_prompt_len": [], "domain": []}, 0
     for row in ingest.load_preferences(source, split, tokenizer, skip_bad_rows, max_rows):
-        where = row["where"]
-        ids = common.encode_prompt(tokenizer, row["prompt"], where)
+        where, chat = row["where"], row["chat"]
+        ids = common.encode_prompt(tokenizer, row["prompt"], chat, where)
         if len(ids) > max_prompt_length:
-            if not skip_bad_rows:
+            if truncation_mode == "error" and not skip_bad_rows:
                 raise common.DataError(
                     f"{where}: the prompt is {len(ids)} tokens, more than --max-prompt-length "
-                    f"{max_prompt_length} (raise it or pass --skip-bad-rows)"
+                    f"{max_prompt_length} (raise it, pass --truncation-mode keep_start|keep_end or --skip-bad-rows)"
                 )
-            skipped += 1
-            continue
+            if truncation_mode == "error":
+                skipped += 1
+                continue
+            ids = ids[:max_prompt_length] if truncation_mode == "keep_start" else ids[-max_prompt_length:]
+        chosen, prompt_len = common.encode_pair(tokenizer, row["prompt"], row["chosen"], chat, where=where)
         data["text"].append(row["prompt"])
         data["ids"].append(ids)
-        data["chosen"].append(common.encode_response(tokenizer, row["chosen"], where))
+        data["chat"].append(chat)
+        data["chosen"].append(chosen)
+        data["chosen_prompt_len"].append(prompt_len)
         data["domain"].append(row["domain"])
     if skipped:
         print(f"{source}: skipped {skipped} prompt(s) longer than {max_prompt_length} tokens (--skip-bad-rows)")
@@ -287,14 +295,20 @@ class Critic(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-def rollout_scores(tokenizer, reward_model, prompts, domains, prompt_ids, responses, response_mask):
+def rollout_scores(tokenizer, reward_model, prompts, domains, chat, responses, response_mask):
     """The score of each rollout: the gold reward of the decoded response (embedded datasets) or the reward model's
-    score of prompt + response, read exactly as in its training (`common.sequence_rewards`)."""
+    score of prompt + response encoded as its training rows were (`common.encode_pair`: the decoded response, closed
+    as a row's response is where the rollout ended), read by its own pooling (`common.sequence_rewards`)."""
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # cut at the end token already
     if reward_model is None:
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # cut at the end token already
         return torch.tensor(list(map(common.synthetic_gold_reward, prompts, texts, domains)), device=responses.device)
-    seqs = [p + r[:n] for p, r, n in zip(prompt_ids, responses.tolist(), response_mask.sum(1).tolist())]
-    return common.sequence_rewards(reward_model, seqs, tokenizer.pad_token_id)
+    n, end = response_mask.sum(1).tolist(), common.end_token_id(tokenizer)
+    ended = [k > 0 and r[k - 1] == end for r, k in zip(responses.tolist(), n)]
+    seqs = [
+        common.encode_pair(tokenizer, p, t, c, close=None if e else "")[0]
+        for p, t, c, e in zip(prompts, texts, chat, ended)
+    ]
+    return common.sequence_rewards(reward_model, seqs, tokenizer.pad_token_id).to(responses.device)
 
 
 @torch.no_grad()
@@ -314,7 +328,7 @@ def evaluate(
         # exact KL of the next-token distributions, summed over the response: the sequence KL in expectation
         kl = common.token_kl(policy, reference, ids, mask, start, temperature)
         kls += (kl * response_mask).sum(1).tolist()
-        rollouts = (prompts, domains, prompt_ids, responses, response_mask)
+        rollouts = (prompts, domains, data["chat"][i : i + batch_size], responses, response_mask)
         if has_gold:
             gold += rollout_scores(tokenizer, None, *rollouts).tolist()
         if reward_model is not None:
@@ -351,7 +365,13 @@ if __name__ == "__main__":
     tokenizer = lifecycle.load_tokenizer(args)
     pad_id, end_id = tokenizer.pad_token_id, common.end_token_id(tokenizer)
     train = load_prompts(
-        args.dataset, args.dataset_split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_train_rows
+        args.dataset,
+        args.dataset_split,
+        tokenizer,
+        args.max_prompt_length,
+        args.skip_bad_rows,
+        args.max_train_rows,
+        args.truncation_mode,
     )
     if args.reward_model_path is not None:
         lifecycle.check_model_path(args.reward_model_path, "--reward-model-path")
@@ -366,7 +386,15 @@ if __name__ == "__main__":
     groups = robust.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
     batches = common.batch_indices(len(train["ids"]), args.batch_size, args.seed, "prompts")
     eval_sets = {
-        name: load_prompts(source, split, tokenizer, args.max_prompt_length, args.skip_bad_rows, args.max_eval_rows)
+        name: load_prompts(
+            source,
+            split,
+            tokenizer,
+            args.max_prompt_length,
+            args.skip_bad_rows,
+            args.max_eval_rows,
+            args.truncation_mode,
+        )
         for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
     run.open_folder()  # once the inputs are checked
@@ -394,8 +422,8 @@ if __name__ == "__main__":
     if args.sft_steps and not run.resuming:  # the tiny model cannot generate anything meaningful from a random init
         common.warm_start(
             run.replicate(policy),
-            [p + c for p, c in zip(train["ids"], train["chosen"])],
-            [len(p) for p in train["ids"]],
+            train["chosen"],
+            train["chosen_prompt_len"],
             pad_id,
             args.sft_steps,
             args.batch_size,
@@ -489,7 +517,7 @@ if __name__ == "__main__":
                 reward_model,
                 [train["text"][i] for i in rollout_prompts],
                 [train["domain"][i] for i in rollout_prompts],
-                [train["ids"][i] for i in rollout_prompts],
+                [train["chat"][i] for i in rollout_prompts],
                 responses,
                 response_mask,
             )

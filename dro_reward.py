@@ -115,11 +115,13 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
 
 
 def pair_losses(model, data, idx, pad_id, center_rewards_coefficient=0.0):
-    """The Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l)) of rows `idx` (chosen and rejected in one
-    forward), plus c * (r(x, y_w) + r(x, y_l))^2 with c = `center_rewards_coefficient`, and the two rewards."""
+    """The Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l) - margin) of rows `idx` (chosen and rejected in one
+    forward; the row's margin column as in TRL's RewardTrainer, 0 without one), plus c * (r(x, y_w) + r(x, y_l))^2
+    with c = `center_rewards_coefficient`, and the two rewards."""
     seqs = [data["chosen"][i] for i in idx] + [data["rejected"][i] for i in idx]
     chosen_rewards, rejected_rewards = common.sequence_rewards(model, seqs, pad_id).split(len(idx))
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    margin = torch.tensor([data["margin"][i] for i in idx], device=chosen_rewards.device)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - margin)
     if center_rewards_coefficient:  # TRL's reward centring, per pair: the robust weights see it
         losses = losses + center_rewards_coefficient * (chosen_rewards + rejected_rewards) ** 2
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
@@ -151,12 +153,20 @@ if __name__ == "__main__":
     tokenizer = lifecycle.load_tokenizer(args)
     pad_id = tokenizer.pad_token_id
     _, train = common.load_pairs(
-        args.dataset, args.dataset_split, tokenizer, args.max_length, args.skip_bad_rows, args.max_train_rows
+        args.dataset,
+        args.dataset_split,
+        tokenizer,
+        args.max_length,
+        args.skip_bad_rows,
+        args.max_train_rows,
+        args.truncation_mode,
     )
     groups = robust.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
     batches = common.batch_indices(len(train["chosen"]), args.batch_size, args.seed)
     eval_sets = {
-        name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
+        name: common.load_pairs(
+            source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows, args.truncation_mode
+        )
         for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
     run.open_folder()  # once the inputs are checked

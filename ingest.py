@@ -2,8 +2,9 @@
 conversational, Unified-Feedback, RewardBench and HHH-alignment schemas, every bad row named by file and row.
 
 The run's machinery, not the method: a first reading can skip it. What the scripts get from it is a
-`datasets.Dataset` of {prompt, chosen, rejected, domain} strings (`load_preferences`), which `common.load_pairs`
-tokenizes, and the names of the evaluation splits (`eval_sources`).
+`datasets.Dataset` of {prompt, chosen, rejected, domain} strings (`load_preferences`; `chat` marks chat-template
+text, `margin` is the row's margin or None), which `common.load_pairs` tokenizes, and the names of the evaluation
+splits (`eval_sources`).
 """
 
 import json
@@ -152,10 +153,17 @@ def render(messages, tokenizer, add_generation_prompt: bool) -> str:
     return text + ("assistant: " if add_generation_prompt else "")
 
 
+def turn_end(tokenizer) -> str:
+    """What the chat template writes after an assistant message's content (e.g. "<|im_end|>\n")."""
+    marker, user = "\x00response\x00", [{"role": "user", "content": "hi"}]
+    return render(user + [{"role": "assistant", "content": marker}], tokenizer, False).rpartition(marker)[2]
+
+
 def _conversation_to_strings(prompt_msgs, responses, tokenizer, where):
-    """Render prompt messages and each final assistant message; the response is what the template adds."""
-    prompt = render(prompt_msgs, tokenizer, add_generation_prompt=True)
-    out = []
+    """Render the prompt messages (with the generation prompt) and the whole conversation of each response; the
+    responses are the rest of each conversation, so that prompt + response is the text the template renders. A
+    template that renders the prompt differently when a response follows (e.g. a thinking block) makes the prompt
+    what the conversations share with it. Returns the prompt, the responses and whether the text is the template's."""
     for response in responses:
         if not isinstance(response, list) or not response or not isinstance(response[-1], dict):
             raise common.DataError(
@@ -164,15 +172,15 @@ def _conversation_to_strings(prompt_msgs, responses, tokenizer, where):
         content = response[-1].get("content")
         if not isinstance(content, str) or not content.strip():
             raise common.DataError(f"{where}: empty or non-string final message")
-        full = render(list(prompt_msgs) + list(response), tokenizer, add_generation_prompt=False)
-        if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to the message
-            full = prompt + content
-        out.append(full[len(prompt) :])
-    return prompt, out
+    prompt = render(prompt_msgs, tokenizer, add_generation_prompt=True)
+    fulls = [render(list(prompt_msgs) + list(r), tokenizer, add_generation_prompt=False) for r in responses]
+    prompt = prompt[: min(len(os.path.commonprefix([prompt, full])) for full in fulls)]
+    return prompt, [full[len(prompt) :] for full in fulls], bool(getattr(tokenizer, "chat_template", None))
 
 
 def to_preference(row: dict, tokenizer, where: str) -> dict:
-    """One row of any supported schema -> {prompt, chosen, rejected, domain} as strings."""
+    """One row of any supported schema -> {prompt, chosen, rejected, domain} as strings, whether they are chat-template
+    text (`chat`) and the row's `margin` (None without one)."""
     if {"conv_A", "conv_B", "conv_A_rating", "conv_B_rating"} <= row.keys():  # Unified-Feedback
         a, b = row["conv_A"], row["conv_B"]
         if row["conv_A_rating"] == row["conv_B_rating"]:
@@ -180,20 +188,20 @@ def to_preference(row: dict, tokenizer, where: str) -> dict:
         if a[:-1] != b[:-1]:
             raise common.DataError(f"{where}: conv_A and conv_B do not share the same prompt turns")
         chosen, rejected = (a, b) if row["conv_A_rating"] > row["conv_B_rating"] else (b, a)
-        prompt, (c, r) = _conversation_to_strings(a[:-1], [chosen[-1:], rejected[-1:]], tokenizer, where)
-        return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("source") or "all"}
+        prompt, (c, r), chat = _conversation_to_strings(a[:-1], [chosen[-1:], rejected[-1:]], tokenizer, where)
+        return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("source") or "all", "chat": chat}
     if {"input", "targets"} <= row.keys():  # HHH-alignment: the choice labelled 1 is preferred
         choices, labels = row["targets"]["choices"], row["targets"]["labels"]
         if len(choices) != 2 or sorted(labels) != [0, 1]:
             raise common.DataError(f"{where}: expected two choices labelled 1 and 0, got labels {labels}")
         best = labels.index(1)
-        prompt, (c, r) = _conversation_to_strings(
+        prompt, (c, r), chat = _conversation_to_strings(
             [{"role": "user", "content": row["input"]}],
             [[{"role": "assistant", "content": choices[best]}], [{"role": "assistant", "content": choices[1 - best]}]],
             tokenizer,
             where,
         )
-        return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("domain") or "hhh"}
+        return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("domain") or "hhh", "chat": chat}
     missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
     if missing:
         raise common.DataError(
@@ -201,26 +209,37 @@ def to_preference(row: dict, tokenizer, where: str) -> dict:
             "Expected prompt/chosen/rejected, Unified-Feedback (conv_A/conv_B/ratings) or HHH (input/targets)"
         )
     domain = _SECTION_OF.get(row.get("subset"), row.get("subset")) or row.get("domain") or "all"
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    prompt, chosen, rejected, chat = row.get("prompt"), row["chosen"], row["rejected"], False
     if isinstance(chosen, list):  # conversational; an implicit prompt is the shared leading turns
         if prompt is None:
             prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        prompt, (chosen, rejected) = _conversation_to_strings(prompt, [chosen, rejected], tokenizer, where)
+        prompt, (chosen, rejected), chat = _conversation_to_strings(prompt, [chosen, rejected], tokenizer, where)
     if not isinstance(prompt, str):
         raise common.DataError(f"{where}: missing or non-string 'prompt' (got {type(prompt).__name__})")
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str) or not value.strip():
             raise common.DataError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": str(domain)}
+    margin = row.get("margin")  # TRL's RewardTrainer: -log sigmoid(r_c - r_r - margin)
+    if margin is not None and not isinstance(margin, (int, float)):
+        raise common.DataError(f"{where}: 'margin' must be a number, got {margin!r:.40}")
+    margin = None if margin is None else float(margin)
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "domain": str(domain),
+        "chat": chat,
+        "margin": margin,
+    }
 
 
 def load_preferences(
     source: str, split: Optional[str], tokenizer, skip_bad_rows: bool = False, max_rows: Optional[int] = None
 ):
-    """Preference rows {prompt, chosen, rejected, domain, row, where} as a `datasets.Dataset` (`row`: the index in
-    the source, `where`: the source and row or line, for error messages).
+    """Preference rows {prompt, chosen, rejected, domain, chat, margin, row, where} as a `datasets.Dataset` (`row`:
+    the index in the source, `where`: the source and row or line, for error messages).
 
     `source` is "synthetic" or "synthetic-groups" (the embedded datasets, with their splits), a hub name, or a local
     file or folder. A bad row raises a common.DataError naming the source and the row, or, with `skip_bad_rows`, is

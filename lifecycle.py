@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -62,6 +62,8 @@ class RunArgs:
     # Input checks and model loading
     skip_bad_rows: bool = False
     """skip and count malformed or too long rows instead of stopping with an error"""
+    truncation_mode: Literal["error", "keep_start", "keep_end"] = "error"
+    """rows over the length limit: an error (skipped with --skip-bad-rows), or cut keeping the start or prompt's end"""
     attn_implementation: Optional[str] = None
     """attention kernel for from_pretrained (sdpa, flash_attention_2, eager, ...); default: transformers' choice"""
     trust_remote_code: bool = False

@@ -91,7 +91,7 @@ def trl():
     from trl import DPOConfig, DPOTrainer
 
     tok, rows, policy, ref = setup()
-    rows = rows.remove_columns(["domain", "row", "where"])
+    rows = rows.remove_columns(["domain", "chat", "margin", "row", "where"])
     rows = rows.select([i % len(rows) for i in range(STEPS * BATCH)])
     with tempfile.TemporaryDirectory() as out:
 

@@ -77,7 +77,7 @@ def iteration(s, train, mine, args, tok, generation_config):
             None,
             [train["text"][i] for i in rollout_prompts],
             [train["domain"][i] for i in rollout_prompts],
-            [train["ids"][i] for i in rollout_prompts],
+            [train["chat"][i] for i in rollout_prompts],
             responses,
             response_mask,
         )

@@ -336,7 +336,7 @@ def dpo_trl(mode, steps, batch, device):
     import common
 
     tok = common.tiny_tokenizer()
-    rows = dpo_rows(tok, steps, batch).remove_columns(["domain", "row", "where"])
+    rows = dpo_rows(tok, steps, batch).remove_columns(["domain", "chat", "margin", "row", "where"])
     memory, clock = Memory(device), Clock(device)
     model = new_model(tok, device)
     n_params = sum(p.numel() for p in model.parameters())

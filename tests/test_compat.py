@@ -130,15 +130,23 @@ def pairs(tok, name):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_reward_models(tmp_path, arch, name):
     folder, tok, model = model_folder(tmp_path, arch, name, AutoModelForSequenceClassification)
-    _, data = pairs(tok, name)
+    rows, data = pairs(tok, name)
     seqs, plens = data["chosen"] + data["rejected"], data["prompt_len"] * 2
     end = common.end_token_id(tok)
-    assert all(s[-1] == end and s[-2] != end for s in seqs)  # one end token, never doubled by a template
+    if name == "chat_template_eos_turns":  # the template's text: the turn ends "<|im_end|>\n", as TRL keeps it
+        assert all(
+            tok.decode(s).endswith("<|im_end|>\n") and s.count(end) == tok.decode(s).count("<|im_end|>") for s in seqs
+        )
+    else:  # plain text + EOS, once
+        assert all(s[-1] == end and s[-2] != end for s in seqs)
     with torch.no_grad():
         train = common.sequence_rewards(model, seqs, tok.pad_token_id)
         alone = torch.cat([common.sequence_rewards(model, [s], tok.pad_token_id) for s in seqs])
-        responses, mask = common.pad([s[p:] for s, p in zip(seqs, plens)], tok.pad_token_id)  # as PPO's rollouts
-        ppo = dro_ppo.rollout_scores(tok, model, None, None, [s[:p] for s, p in zip(seqs, plens)], responses, mask)
+        rollouts = [s[p:][: s[p:].index(end) + 1] for s, p in zip(seqs, plens)]  # generation stops at the end token
+        responses, mask = common.pad(rollouts, tok.pad_token_id)
+        ppo = dro_ppo.rollout_scores(
+            tok, model, list(rows["prompt"]) * 2, None, list(rows["chat"]) * 2, responses, mask
+        )
         own = model(**tok.pad({"input_ids": seqs}, padding_side="right", return_tensors="pt")).logits.squeeze(-1)
         torch.testing.assert_close(train, alone, rtol=1e-4, atol=1e-5)  # padding changes nothing
         torch.testing.assert_close(ppo, train, rtol=1e-4, atol=1e-5)
@@ -200,10 +208,16 @@ def test_policies(tmp_path, arch, name):
 
 
 def test_encoder_reward_models(tmp_path):
-    """BERT-style reward models (no EOS): sequences are CLS prompt response SEP; the model pools CLS."""
+    """BERT-style reward models (no EOS): sequences are CLS prompt response SEP as the tokenizer itself adds them;
+    the model pools CLS."""
     tok = AutoTokenizer.from_pretrained(BPE)
     tok.cls_token, tok.sep_token, tok.pad_token = "<|bos|>", "<|eos|>", "<|pad|>"
     tok.bos_token = tok.eos_token = None
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|bos|> $A <|eos|>",
+        pair="<|bos|> $A <|eos|> $B <|eos|>",
+        special_tokens=[("<|bos|>", tok.cls_token_id), ("<|eos|>", tok.sep_token_id)],
+    )
     config = transformers.BertConfig(
         vocab_size=len(tok),
         hidden_size=32,

@@ -27,6 +27,7 @@ def test_unified_feedback(tok):
         "chosen": "4\n",
         "rejected": "5\n",
         "domain": "ultrafeedback",
+        "chat": False,  # no chat template: plain "role: content" text, tokenized as plain text
         "row": 0,
         "where": os.path.join(FIX, "unified_feedback.jsonl") + ", line 1",
     }
@@ -60,6 +61,8 @@ def test_conversational_rows_use_the_chat_template(tok):
         "chosen": "yes</s>",
         "rejected": "no</s>",
         "domain": "all",
+        "chat": True,
+        "margin": None,
         "row": 0,
         "where": os.path.join(FIX, "conversational.jsonl") + ", line 1",
     }
@@ -174,15 +177,9 @@ def test_synthetic_goes_through_datasets(tok):
     assert type(ds).__name__ == "Dataset" and set(ds["domain"]) == set(common.SYNTHETIC_DOMAINS)
 
 
-def test_encode_prompt_adds_bos_once(tok):
-    from types import SimpleNamespace
+def test_encode_prompt_has_bos_only_where_the_tokenizer_adds_one(tok):
+    from transformers import AutoTokenizer
 
-    class BosTokenizer:  # a byte tokenizer whose BOS is id 1 (chr(1))
-        bos_token_id = 1
-
-        def __call__(self, text, add_special_tokens=False):
-            return SimpleNamespace(input_ids=[ord(c) for c in text])
-
-    assert common.encode_prompt(BosTokenizer(), "ab") == [1, 97, 98]
-    assert common.encode_prompt(BosTokenizer(), "\x01ab") == [1, 97, 98]  # a template that already starts with BOS
-    assert common.encode_prompt(tok, "ab") == tok("ab", add_special_tokens=False).input_ids  # ByT5 has no BOS
+    bpe = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "fixtures", "bpe"))  # adds no BOS
+    assert common.encode_prompt(bpe, "copy: ab\n") == bpe("copy: ab\n").input_ids
+    assert common.encode_prompt(tok, "ab") == tok("ab", add_special_tokens=False).input_ids  # ByT5: no trailing EOS

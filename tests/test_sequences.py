@@ -120,14 +120,14 @@ def test_kl_k3_never_negative_and_unbiased():
     )
 
 
-def test_response_ends_with_exactly_one_end_token(tok):
-    eos = tok.eos_token_id
-    assert common.encode_response(tok, "abc")[-2:] == [tok("c", add_special_tokens=False).input_ids[0], eos]
-    assert common.encode_response(tok, "abc</s>").count(eos) == 1  # the template already ended the turn
-    assert common.encode_response(tok, "abc</s>\n")[-1] == eos  # a newline after the end of turn is dropped
-    assert common.encode_response(tok, "a</s>b")[-3:] == [eos, tok("b", add_special_tokens=False).input_ids[0], eos]
-    with pytest.raises(common.DataError, match="row 7: the response '' tokenizes to nothing"):
-        common.encode_response(tok, "", "x.jsonl, row 7")
+def test_response_is_closed_once_as_trl_closes_it(tok):
+    """Plain text: prompt + response + EOS as one text (ByT5 ends every text with EOS itself: once, never twice)."""
+    eos, byte = tok.eos_token_id, lambda c: tok(c, add_special_tokens=False).input_ids[0]
+    ids, prompt_len = common.encode_pair(tok, "p: ", "abc")
+    assert ids == [byte("p"), byte(":"), byte(" "), byte("a"), byte("b"), byte("c"), eos] and prompt_len == 3
+    assert common.encode_pair(tok, "p: ", "abc</s>")[0] == ids  # already closed: not closed again
+    with pytest.raises(common.DataError, match="row 7: the prompt '' tokenizes to nothing"):
+        common.encode_pair(tok, "", "abc", where="x.jsonl, row 7")
 
 
 def test_batch_order_and_shards():
