@@ -460,7 +460,7 @@ def ppo_ours(mode, steps, prompts, device):
                     None,
                     [train["text"][i] for i in rollout_prompts],
                     [train["domain"][i] for i in rollout_prompts],
-                    [train["ids"][i] for i in rollout_prompts],
+                    [train["chat"][i] for i in rollout_prompts],
                     responses,
                     response_mask,
                 )

@@ -73,10 +73,9 @@ def readouts(path, n):
     data = common.tokenize_preferences(rows, tok, 64, "synthetic")
     _, train_c, train_r = dro_reward.pair_losses(model, data, range(len(data["chosen"])), tok.pad_token_id)
     ppo = []
-    for key in ("chosen", "rejected"):  # each response as a rollout: prompt ids + response tokens up to EOS, padded
-        prompts = [s[:p] for s, p in zip(data[key], data["prompt_len"])]
+    for key in ("chosen", "rejected"):  # each response as a rollout: the response tokens up to EOS, padded
         responses, mask = common.pad([s[p:] for s, p in zip(data[key], data["prompt_len"])], tok.pad_token_id)
-        ppo.append(dro_ppo.rollout_scores(tok, model, None, None, prompts, responses, mask))
+        ppo.append(dro_ppo.rollout_scores(tok, model, rows["prompt"], None, rows["chat"], responses, mask))
     own = []
     for key in ("chosen", "rejected"):  # the tokenizer's own padding and the model's own pooling
         batch = tok.pad({"input_ids": data[key]}, return_tensors="pt")
