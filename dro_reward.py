@@ -183,16 +183,16 @@ if __name__ == "__main__":
         lifecycle.disable_dropout(model)
     model = lifecycle.prepare_model(model.to(run.device), args, "SEQ_CLS")  # gradient checkpointing, LoRA
     parallel_model = run.distribute(model)  # DDP, FSDP2 with --fsdp, or the model itself in one process
+    run.print(
+        f"{args.run_id}: {len(train['chosen'])} training pairs, {lifecycle.parameter_counts(model)}, {run.world} "
+        f"process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}"
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.total_steps
     )
     modules = {"model": model}
     groups = run.resume(modules, optimizer, scheduler, batches).get("groups", groups)  # a resumed run's state
-    run.print(
-        f"{args.run_id}: {len(train['chosen'])} training pairs, {lifecycle.parameter_counts(model)}, {run.world} "
-        f"process(es) x {args.gradient_accumulation_steps} micro-batch(es) of {args.micro_batch_size}"
-    )
 
     def evaluate_all(step):
         with lifecycle.autocast(args, run.device):
