@@ -6,9 +6,9 @@ prompts has the DPO loss (mean over its pairs)
     l_i(theta) = -log sigmoid(beta * [log pi/ref(y_w | x_i) - log pi/ref(y_l | x_i)]),
 
 with log pi/ref(y|x) = log pi_theta(y|x) - log pi_ref(y|x) summed over the response tokens. Robust DPO
-minimises the loss under the worst prompt distribution near the uniform one:
+minimises the loss under the worst prompt distribution near the batch's own, p0_i = n_i / N (n_i of its N pairs):
 
-    L(theta) = max_{q in Q_rho} sum_i q_i * l_i(theta),   Q_rho = {q in simplex_B : D(q || uniform) <= rho}.
+    L(theta) = max_{q in Q_rho} sum_i q_i * l_i(theta),   Q_rho = {q in simplex_B : D(q || p0) <= rho}.
 
 Its gradient is sum_i q*_i grad l_i with q* computed from the detached losses (`robust.robust_prompt_weights`
 in robust.py; D = total variation, chi-square, KL or CVaR); rho = 0 is plain DPO. Under torchrun the worst case

@@ -3,7 +3,7 @@
 Objective. A policy pi generates a response y to a prompt x; a reward model (or, on the embedded task,
 the known gold reward) scores it with r(x, y), and a KL penalty keeps pi near the reference pi_ref.
 Instead of the average over the training prompts we maximise the value under the worst prompt
-distribution near uniform:
+distribution near the batch's (uniform: every prompt has K rollouts):
 
     max_pi  min_{q in Q_rho}  sum_i q_i * E_{y ~ pi(.|x_i)} [ r(x_i, y) - beta * KL(pi(.|x_i) || pi_ref(.|x_i)) ]
 

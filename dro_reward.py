@@ -2,9 +2,10 @@
 
 Objective. A reward model r_theta scores a prompt x and response y. Each prompt i of a minibatch of B
 prompts has the Bradley-Terry loss l_i = mean over its pairs of -log sigmoid(r(x_i, y_w) - r(x_i, y_l)).
-Instead of the mean of the l_i we minimise the loss under the worst prompt distribution near uniform:
+Instead of the plain mean over pairs, sum_i p0_i l_i with p0_i = n_i / N (prompt i has n_i of the N pairs), we
+minimise the loss under the worst prompt distribution near p0:
 
-    L(theta) = max_{q in Q_rho} sum_i q_i * l_i(theta),   Q_rho = {q in simplex_B : D(q || uniform) <= rho}
+    L(theta) = max_{q in Q_rho} sum_i q_i * l_i(theta),   Q_rho = {q in simplex_B : D(q || p0) <= rho}
 
 By Danskin's theorem the gradient is sum_i q*_i grad l_i, with q* the maximiser computed from the
 detached losses (`robust.robust_prompt_weights`, robust.py; D = total variation, chi-square, KL or CVaR).
