@@ -148,7 +148,6 @@ if __name__ == "__main__":
         name: common.load_pairs(source, split, tokenizer, args.max_length, args.skip_bad_rows, args.max_eval_rows)
         for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
-    run.open_folder()  # once the inputs are checked
 
     # Model: any sequence classifier with one output, or a tiny Llama built from a config
     if args.model_name_or_path:
@@ -158,6 +157,7 @@ if __name__ == "__main__":
     else:
         model = AutoModelForSequenceClassification.from_config(common.tiny_config(tokenizer, num_labels=1))
     model.config.pad_token_id = pad_id
+    run.open_folder(model)  # the last step of start-up, once everything is checked: the folder becomes this run's
     model = lifecycle.prepare_model(model.to(run.device), args, "SEQ_CLS")  # gradient checkpointing, LoRA
     parallel_model = run.distribute(model)  # DDP, FSDP2 with --fsdp, or the model itself in one process
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
