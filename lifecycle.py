@@ -52,6 +52,14 @@ SCHEDULERS = (
 arguments)"""
 
 
+MEANINGFUL_RANGES = (
+    ("gamma", 0.0, 1.0, "a discount"),
+    ("lam", 0.0, 1.0, "GAE's lambda"),
+    ("temperature", 1e-2, 1e2, "below, logits / temperature overflow (use --eval-greedy); above, sampling is noise"),
+)
+"""(flag, low, high, why) of values outside which training is meaningless, checked at parse time."""
+
+
 @dataclass
 class RunArgs:
     """The flags of the run's lifecycle, the same in the three scripts (each script's `Args` extends this class,
@@ -130,6 +138,10 @@ class RunArgs:
         seed = getattr(self, "seed", 0)
         if not 0 <= seed < 2**32:
             raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
+        for name, low, high, why in MEANINGFUL_RANGES:  # flags of some scripts, where they have them
+            value = getattr(self, name, None)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"--{name} must be in [{low}, {high}], got {value}: {why}")
         scheduler = getattr(self, "lr_scheduler_type", None)
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"--lr-scheduler-type must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
@@ -427,9 +439,12 @@ def _adapter_base(path: str) -> Optional[str]:
     if not (ingest._is_local(path) and os.path.exists(config)):
         return None
     try:
-        return json.load(open(config))["base_model_name_or_path"]
+        base = json.load(open(config))["base_model_name_or_path"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ArgumentError(f"{path}: a LoRA adapter folder whose adapter_config.json cannot be read ({e})") from None
+    if not base:
+        raise ArgumentError(f"{path}: a LoRA adapter folder that does not say which base model it adapts")
+    return base
 
 
 def load_tokenizer(args):
