@@ -92,6 +92,8 @@ def _read_file(path: str, skip_bad_rows: bool):
                 import pyarrow.parquet
 
                 table = pyarrow.parquet.read_table(path).to_pylist()
+        except common.DataError:
+            raise
         except UnicodeDecodeError as e:
             raise common.DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except json.JSONDecodeError as e:

@@ -831,6 +831,8 @@ def _locate_checkpoint(args, output_dir: str) -> Optional[str]:
     """--resume-from's folder, --resume's latest complete checkpoint, or None for a new run (refused in a folder
     that holds a previous run, unless --overwrite; with --resume, a folder that holds no run at all starts one)."""
     if args.resume_from:
+        if not os.path.isdir(args.resume_from):
+            raise ArgumentError(f"--resume-from {args.resume_from}: no such folder")
         if not os.path.exists(os.path.join(args.resume_from, "COMPLETE")):
             raise ArgumentError(f"--resume-from {args.resume_from}: not a complete checkpoint (no COMPLETE marker)")
         return args.resume_from

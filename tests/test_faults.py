@@ -95,7 +95,6 @@ def test_resume_refuses_every_flag_that_changes_the_result_and_keeps_the_run_id(
             new_run("--output-dir", finished, "--resume", *flags)
     run = new_run("--output-dir", finished, "--resume", "--eval-every", "2", "--total-steps", "5", "--log-every", "1")
     assert run.resuming.endswith("step-00000002") and run.args.run_id == run_id
-    assert snapshot(finished) == snapshot(finished)  # (nothing was written: checked by the subprocess tests)
 
 
 def test_resume_from_refuses_a_folder_that_holds_another_run(finished, copy_of):
@@ -123,8 +122,8 @@ def test_a_user_error_after_loading_leaves_the_folder_untouched(copy_of):
     before = snapshot(out)
     flags = ["--overwrite", "--lora-r", "2", "--lora-target-modules", "nope", "--output-dir", str(out)]
     proc = script("dro_reward.py", *FLAGS.split(), *flags)
-    assert proc.returncode == 2 and "error: --lora-target-modules: LlamaForSequenceClassification has no module named nope"
-    assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "error: --lora-target-modules: " in proc.stderr
+    assert "has no module named nope" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(out) == before
 
 
