@@ -430,7 +430,9 @@ def init_distributed():
 def check_model_path(path: str, flag: str):
     """A clear error for a local model folder that is not there (instead of the hub client's repo-id message)."""
     if ingest._is_local(path) and not os.path.isdir(path):
-        raise ArgumentError(f"{flag} {path}: no such folder")
+        raise ArgumentError(
+            f"{flag} {path}: " + ("a file, not a model folder" if os.path.exists(path) else "no such folder")
+        )
 
 
 def _adapter_base(path: str) -> Optional[str]:
@@ -1068,6 +1070,25 @@ def write_atomically(path: str, text: str):
     os.replace(path + ".tmp", path)
 
 
+@contextlib.contextmanager
+def _writing(folder: str):
+    """A failed write (torch's and safetensors' writers raise RuntimeErrors without the reason) as an OSError naming
+    the folder, which says "no space left" when the disk is (nearly) full; the previous checkpoint or model is kept."""
+    import errno
+    import shutil
+
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if "writ" not in str(e).lower():
+            raise
+        full = shutil.disk_usage(folder if os.path.exists(folder) else os.path.dirname(folder)).free < 2**26
+        reason = "No space left on device" if full else f"cannot be written ({type(e).__name__}: {str(e)[:200]})"
+        raise OSError(errno.ENOSPC if full else errno.EIO, reason, folder) from None
+
+
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -1104,7 +1125,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    with _writing(tmp):
+        torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
     _fsync(os.path.join(tmp, f"rng-{rank}.pt"))
     _barrier()
     if rank == 0:
@@ -1119,7 +1141,8 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "extra": extra,
         }
-        torch.save(state, os.path.join(tmp, "state.pt"))
+        with _writing(tmp):
+            torch.save(state, os.path.join(tmp, "state.pt"))
         _fsync(os.path.join(tmp, "state.pt"))
         meta = {
             "step": step,
@@ -1269,8 +1292,9 @@ def save_atomically(model, tokenizer, path: str, state_dict: Optional[dict] = No
     if os.path.exists(old) and not os.path.exists(path):  # a save killed between its two renames
         os.replace(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
+    with _writing(tmp):
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
     for name in os.listdir(tmp):
         _fsync(os.path.join(tmp, name))
     shutil.rmtree(old, ignore_errors=True)
