@@ -1072,8 +1072,8 @@ def write_atomically(path: str, text: str):
 
 @contextlib.contextmanager
 def _writing(folder: str):
-    """A failed write (torch's and safetensors' writers raise RuntimeErrors without the reason) as an OSError naming
-    the folder, which says "no space left" when the disk is (nearly) full; the previous checkpoint or model is kept."""
+    """A write that fails on a full disk (torch's and safetensors' writers raise RuntimeErrors without the reason) as
+    an OSError(ENOSPC) naming the folder; the previous checkpoint or model is kept."""
     import errno
     import shutil
 
@@ -1082,11 +1082,10 @@ def _writing(folder: str):
     except OSError:
         raise
     except Exception as e:
-        if "writ" not in str(e).lower():
+        free = shutil.disk_usage(folder if os.path.exists(folder) else os.path.dirname(folder)).free
+        if free >= 2**20:  # not a full disk: the error as it is
             raise
-        full = shutil.disk_usage(folder if os.path.exists(folder) else os.path.dirname(folder)).free < 2**26
-        reason = "No space left on device" if full else f"cannot be written ({type(e).__name__}: {str(e)[:200]})"
-        raise OSError(errno.ENOSPC if full else errno.EIO, reason, folder) from None
+        raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__}: {str(e)[:200]})", folder) from None
 
 
 def _barrier():
