@@ -338,12 +338,12 @@ def load_preferences(
     rows, skipped, no_preference = [], 0, 0
     for i, (where, row) in enumerate(raw[:max_rows]):
         try:
+            if isinstance(row, common.DataError):  # found while reading (a ragged CSV row)
+                raise row
             if not isinstance(row, dict):
                 raise common.DataError(
                     f"{where}: a row must be an object with prompt/chosen/rejected, got {type(row).__name__}"
                 )
-            if isinstance(row, common.DataError):  # found while reading (a ragged CSV row)
-                raise row
             try:
                 pref = to_preference(row, tokenizer, where)
             except (TypeError, KeyError, AttributeError, IndexError) as e:  # a shape no check above foresaw

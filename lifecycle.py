@@ -388,7 +388,7 @@ def _print_once(message: str, rank: int):
         import hashlib
         import tempfile
 
-        launch = os.environ["TORCHELASTIC_RUN_ID"] + os.environ.get("MASTER_PORT", "")
+        launch = f"{os.environ['TORCHELASTIC_RUN_ID']}-{os.environ.get('MASTER_PORT')}-{os.getppid()}"  # torchrun's pid
         key = hashlib.sha1((launch + message).encode()).hexdigest()[:16]
         try:
             os.close(os.open(os.path.join(tempfile.gettempdir(), f"dro-rlhf-error-{key}"), os.O_CREAT | os.O_EXCL))

@@ -316,10 +316,10 @@ def test_a_malformed_row_is_named_and_skippable(tmp_path, row, message):
 def test_ragged_csv_and_a_failing_chat_template_are_bad_rows(tmp_path):
     tok = common.tiny_tokenizer()
     ragged = tmp_path / "r.csv"
-    ragged.write_text("prompt,rejected\np,r\np,r,extra,more\n")
-    with pytest.raises(DataError, match=r"r.csv, row 1: 4 field\(s\), but the header has 2"):
+    ragged.write_text("prompt,rejected\np,r,extra,more\np,r\n")
+    with pytest.raises(DataError, match=r"r.csv, row 0: 4 field\(s\), but the header has 2"):
         ingest.load_preferences(str(ragged), None, tok)
-    with pytest.raises(DataError, match=r"row 0: missing column\(s\) \['chosen'\]"):
+    with pytest.raises(DataError, match=r"row 1: missing column\(s\) \['chosen'\]"):
         ingest.load_preferences(str(ragged), None, tok, skip_bad_rows=True)
     conv = tmp_path / "c.jsonl"
     msgs = lambda text: [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]
