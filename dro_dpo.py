@@ -272,7 +272,6 @@ if __name__ == "__main__":
         )
         for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
-    run.open_folder()  # once the inputs are checked
 
     # Model: any causal LM, or a tiny Llama built from a config; warm-started, it becomes the frozen reference
     if args.model_name_or_path:
@@ -283,6 +282,13 @@ if __name__ == "__main__":
     model.to(run.device)
     if not args.keep_dropout:  # as TRL (disable_dropout=True): train() computes what eval() does
         lifecycle.disable_dropout(model)
+    reference = None
+    if args.ref_model:
+        reference = lifecycle.load_model(
+            AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model", frozen=True
+        ).eval()
+        reference.to(run.device).requires_grad_(False)
+    run.open_folder(model)  # the last step of start-up, once everything is checked: the folder becomes this run's
     if args.sft_steps and not run.resuming:  # imitate both responses of each pair, as a base model might sample
         common.warm_start(
             run.replicate(model),
@@ -297,10 +303,7 @@ if __name__ == "__main__":
             run.world,
         )
     model = lifecycle.prepare_model(model, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
-    if args.ref_model:
-        reference = lifecycle.load_model(AutoModelForCausalLM, args.ref_model, args, tokenizer, "--ref-model")
-        reference.to(run.device).eval().requires_grad_(False)
-    else:  # a frozen copy of the starting policy; with LoRA the policy itself with its adapter switched off
+    if reference is None:  # a frozen copy of the starting policy; with LoRA the policy itself with its adapter off
         reference = lifecycle.reference_policy(model, args)
     reference = run.distribute(reference, frozen=True)  # sharded with --fsdp
     parallel_model = run.distribute(model)  # DDP, FSDP2 with --fsdp, or the model itself in one process

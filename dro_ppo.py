@@ -397,7 +397,6 @@ if __name__ == "__main__":
         )
         for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
-    run.open_folder()  # once the inputs are checked
 
     # Models: policy (warm-started, then frozen as the reference), value model, reward model
     if args.model_name_or_path:
@@ -414,10 +413,12 @@ if __name__ == "__main__":
             args,
             tokenizer,
             "--reward-model-path",
+            frozen=True,
             num_labels=1,
         )
         reward_model.config.pad_token_id = pad_id
         reward_model.to(run.device).eval().requires_grad_(False)
+    run.open_folder(policy)  # the last step of start-up, once everything is checked: the folder becomes this run's
     began = time.time()
     if args.sft_steps and not run.resuming:  # the tiny model cannot generate anything meaningful from a random init
         common.warm_start(

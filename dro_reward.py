@@ -170,7 +170,6 @@ if __name__ == "__main__":
         )
         for name, (source, split) in ingest.eval_sources(args.dataset, args.eval_datasets).items()
     }
-    run.open_folder()  # once the inputs are checked
 
     # Model: any sequence classifier with one output, or a tiny Llama built from a config
     if args.model_name_or_path:
@@ -182,6 +181,7 @@ if __name__ == "__main__":
     model.config.pad_token_id = pad_id
     if not args.keep_dropout:  # as TRL (disable_dropout=True): train() computes what eval() does
         lifecycle.disable_dropout(model)
+    run.open_folder(model)  # the last step of start-up, once everything is checked: the folder becomes this run's
     model = lifecycle.prepare_model(model.to(run.device), args, "SEQ_CLS")  # gradient checkpointing, LoRA
     parallel_model = run.distribute(model)  # DDP, FSDP2 with --fsdp, or the model itself in one process
     run.print(

@@ -7,6 +7,8 @@ text, `margin` is the row's margin or None), which `common.load_pairs` tokenizes
 splits (`eval_sources`).
 """
 
+import contextlib
+import gzip
 import json
 import os
 from typing import Optional
@@ -52,19 +54,21 @@ def _is_local(source: str) -> bool:
 def _read_file(path: str, skip_bad_rows: bool):
     """The rows of a local json (a list of objects), jsonl (an object per line), parquet or csv file, read by the
     project so that every problem is a common.DataError naming the file and the line or row: [(where, row), ...]."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in LOCAL_FORMATS:
+    compressed = path.lower().endswith(".gz")
+    ext = os.path.splitext(path[: -len(".gz")] if compressed else path)[1].lower()
+    if ext not in LOCAL_FORMATS or (compressed and ext == ".parquet"):
         raise common.DataError(
             f"{path}: unknown file type {ext or '(none)'!r}; expected one of {', '.join(LOCAL_FORMATS)}"
         )
     rows, bad = [], 0
+    opener = gzip.open if compressed else open
     if ext == ".jsonl":
-        with open(path, "rb") as f:
+        with _named_read_errors(path), opener(path, "rb") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line.decode("utf-8"))
+                    row = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
                     if not isinstance(row, dict):
                         raise ValueError(f"a line must be a JSON object, got {type(row).__name__}")
                 except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
@@ -76,19 +80,21 @@ def _read_file(path: str, skip_bad_rows: bool):
     else:
         try:
             if ext == ".json":
-                with open(path, "rb") as f:
-                    table = json.loads(f.read().decode("utf-8"))
+                with opener(path, "rb") as f:
+                    table = json.loads(f.read().decode("utf-8-sig"))
                 if not isinstance(table, list):
                     raise common.DataError(f"{path}: expected a JSON list of objects, got {type(table).__name__}")
             elif ext == ".csv":
                 import csv
 
-                with open(path, newline="", encoding="utf-8") as f:
+                with opener(path, "rt", newline="", encoding="utf-8-sig") as f:  # -sig: without a BOM's bytes
                     table = list(csv.DictReader(f))
             else:
                 import pyarrow.parquet
 
                 table = pyarrow.parquet.read_table(path).to_pylist()
+        except common.DataError:
+            raise
         except UnicodeDecodeError as e:
             raise common.DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except json.JSONDecodeError as e:
@@ -98,9 +104,29 @@ def _read_file(path: str, skip_bad_rows: bool):
         except Exception as e:  # pyarrow's errors for a file that is not parquet
             raise common.DataError(f"{path}: not a readable {ext[1:]} file ({type(e).__name__}: {e})") from None
         rows = [(f"{path}, row {i}", row) for i, row in enumerate(table)]
+        if ext == ".csv":  # a row with more or fewer fields than the header: named (and skipped) like any bad row
+            rows = [(where, _ragged_csv_row(row, where)) for where, row in rows]
     if bad:
         print(f"{path}: skipped {bad} unreadable line(s) (--skip-bad-rows)")
     return rows
+
+
+@contextlib.contextmanager
+def _named_read_errors(path: str):
+    """A file that cannot be read (or a .gz that is not gzip) as one DataError naming it."""
+    try:
+        yield
+    except (OSError, EOFError) as e:
+        raise common.DataError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _ragged_csv_row(row: dict, where: str):
+    """csv.DictReader puts the extra fields of a row under the key None and the missing ones as None: such a row is
+    replaced by an error that load_preferences raises (or skips) as it does for every other bad row."""
+    if None in row or None in row.values():
+        fields = len(row) - (None in row) + len(row.get(None) or []) - sum(v is None for v in row.values())
+        return common.DataError(f"{where}: {fields} field(s), but the header has {len(row) - (None in row)}")
+    return row
 
 
 def load_raw(source: str, split: Optional[str], skip_bad_rows: bool = False):
@@ -121,9 +147,14 @@ def load_raw(source: str, split: Optional[str], skip_bad_rows: bool = False):
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "state.json")):  # Dataset.save_to_disk
             return [(f"{source}, row {i}", row) for i, row in enumerate(datasets.load_from_disk(source))]
         if os.path.isdir(source):
-            files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(LOCAL_FORMATS))
+            names = sorted(f for f in os.listdir(source) if os.path.isfile(os.path.join(source, f)))
+            readable = LOCAL_FORMATS + tuple(e + ".gz" for e in LOCAL_FORMATS if e != ".parquet")
+            files = [os.path.join(source, f) for f in names if f.lower().endswith(readable)]
+            ignored = [f for f in names if not f.lower().endswith(readable) and not f.startswith(".")]
+            if ignored:
+                print(f"{source}: ignored {len(ignored)} file(s) that are not data: {', '.join(ignored[:5])}")
             if not files:
-                raise common.DataError(f"{source}: a folder with no {'/'.join(LOCAL_FORMATS)} file")
+                raise common.DataError(f"{source}: a folder with no {'/'.join(readable)} file")
             return [r for path in files for r in _read_file(path, skip_bad_rows)]
         return _read_file(source, skip_bad_rows)
     try:
@@ -178,61 +209,119 @@ def _conversation_to_strings(prompt_msgs, responses, tokenizer, where):
     return prompt, [full[len(prompt) :] for full in fulls], bool(getattr(tokenizer, "chat_template", None))
 
 
+def _check_messages(messages, where: str, key: str):
+    """A conversation must be a list of {"role": str, "content": str} messages."""
+    if not isinstance(messages, list):
+        raise common.DataError(
+            f"{where}: {key!r} must be a string or a list of messages, got {type(messages).__name__}"
+        )
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise common.DataError(
+                f"{where}: {key!r} message {i} must be an object with string 'role' and 'content', got {m!r:.60}"
+            )
+
+
+def _check_text(value, where: str):
+    """Every string of a row must be valid Unicode (a lone surrogate such as "\\ud800" cannot be tokenized)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise common.DataError(f"{where}: text that is not valid Unicode ({e.reason} at {e.start})") from None
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_text(v, where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, where)
+
+
+def _domain(*candidates) -> str:
+    """The first domain that is set (0 and False are values, not "unset"), as a string; "all" if none is."""
+    return next((str(c) for c in candidates if c is not None and c != ""), "all")
+
+
+def _rendered(prompt_msgs, responses, tokenizer, where):
+    """_conversation_to_strings, with a chat template that fails on the row named as a bad row."""
+    try:
+        return _conversation_to_strings(prompt_msgs, responses, tokenizer, where)
+    except common.DataError:
+        raise
+    except Exception as e:  # jinja's TemplateError (raise_exception in the template), a KeyError, ...
+        raise common.DataError(f"{where}: the chat template fails on it ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def to_preference(row: dict, tokenizer, where: str) -> dict:
     """One row of any supported schema -> {prompt, chosen, rejected, domain} as strings, whether they are chat-template
-    text (`chat`) and the row's `margin` (None without one)."""
+    text (`chat`) and the row's `margin` (None without one); None for a row that carries no preference (a tie or
+    identical responses). A malformed row is a common.DataError naming it."""
+    _check_text(row, where)
     if {"conv_A", "conv_B", "conv_A_rating", "conv_B_rating"} <= row.keys():  # Unified-Feedback
         a, b = row["conv_A"], row["conv_B"]
-        if row["conv_A_rating"] == row["conv_B_rating"]:
+        _check_messages(a, where, "conv_A"), _check_messages(b, where, "conv_B")
+        ratings = row["conv_A_rating"], row["conv_B_rating"]
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r == r for r in ratings):
+            raise common.DataError(f"{where}: conv_A_rating and conv_B_rating must be numbers, got {ratings!r:.60}")
+        if not a or not b:
+            raise common.DataError(f"{where}: conv_A and conv_B must not be empty")
+        if ratings[0] == ratings[1]:
             return None  # a tie carries no preference (the paper's code filters these too)
         if a[:-1] != b[:-1]:
             raise common.DataError(f"{where}: conv_A and conv_B do not share the same prompt turns")
-        chosen, rejected = (a, b) if row["conv_A_rating"] > row["conv_B_rating"] else (b, a)
-        prompt, (c, r), chat = _conversation_to_strings(a[:-1], [chosen[-1:], rejected[-1:]], tokenizer, where)
-        return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("source") or "all", "chat": chat}
+        chosen, rejected = (a, b) if ratings[0] > ratings[1] else (b, a)
+        prompt, (c, r), chat = _rendered(a[:-1], [chosen[-1:], rejected[-1:]], tokenizer, where)
+        return _preference(prompt, c, r, _domain(row.get("source")), chat)
     if {"input", "targets"} <= row.keys():  # HHH-alignment: the choice labelled 1 is preferred
-        choices, labels = row["targets"]["choices"], row["targets"]["labels"]
-        if len(choices) != 2 or sorted(labels) != [0, 1]:
+        targets = row["targets"]
+        if not isinstance(targets, dict) or not isinstance(row["input"], str):
+            raise common.DataError(f"{where}: expected a string 'input' and 'targets' with choices and labels")
+        choices, labels = targets.get("choices"), targets.get("labels")
+        if not isinstance(choices, list) or not isinstance(labels, list) or len(choices) != 2:
+            raise common.DataError(f"{where}: expected two choices labelled 1 and 0, got {targets!r:.80}")
+        if sorted(labels) != [0, 1] or not all(isinstance(c, str) for c in choices):
             raise common.DataError(f"{where}: expected two choices labelled 1 and 0, got labels {labels}")
         best = labels.index(1)
-        prompt, (c, r), chat = _conversation_to_strings(
+        prompt, (c, r), chat = _rendered(
             [{"role": "user", "content": row["input"]}],
             [[{"role": "assistant", "content": choices[best]}], [{"role": "assistant", "content": choices[1 - best]}]],
             tokenizer,
             where,
         )
-        return {"prompt": prompt, "chosen": c, "rejected": r, "domain": row.get("domain") or "hhh", "chat": chat}
+        return _preference(prompt, c, r, _domain(row.get("domain"), "hhh"), chat)
     missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
     if missing:
+        found = sorted(str(k) for k, v in row.items() if v is not None)
         raise common.DataError(
-            f"{where}: missing column(s) {missing}; found {sorted(k for k, v in row.items() if v is not None)}. "
+            f"{where}: missing column(s) {missing}; found {found}. "
             "Expected prompt/chosen/rejected, Unified-Feedback (conv_A/conv_B/ratings) or HHH (input/targets)"
         )
-    domain = _SECTION_OF.get(row.get("subset"), row.get("subset")) or row.get("domain") or "all"
+    domain = _domain(_SECTION_OF.get(row.get("subset"), row.get("subset")), row.get("domain"))
     prompt, chosen, rejected, chat = row.get("prompt"), row["chosen"], row["rejected"], False
-    if isinstance(chosen, list):  # conversational; an implicit prompt is the shared leading turns
+    if isinstance(chosen, list) or isinstance(rejected, list):  # conversational; an implicit prompt: leading turns
+        _check_messages(chosen, where, "chosen"), _check_messages(rejected, where, "rejected")
         if prompt is None:
             prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        prompt, (chosen, rejected), chat = _conversation_to_strings(prompt, [chosen, rejected], tokenizer, where)
+        _check_messages(prompt, where, "prompt")
+        prompt, (chosen, rejected), chat = _rendered(prompt, [chosen, rejected], tokenizer, where)
     if not isinstance(prompt, str):
         raise common.DataError(f"{where}: missing or non-string 'prompt' (got {type(prompt).__name__})")
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str) or not value.strip():
             raise common.DataError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
     margin = row.get("margin")  # TRL's RewardTrainer: -log sigmoid(r_c - r_r - margin)
-    if margin is not None and not isinstance(margin, (int, float)):
+    if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin != margin):
         raise common.DataError(f"{where}: 'margin' must be a number, got {margin!r:.40}")
-    margin = None if margin is None else float(margin)
-    return {
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "domain": str(domain),
-        "chat": chat,
-        "margin": margin,
-    }
+    return _preference(prompt, chosen, rejected, domain, chat, None if margin is None else float(margin))
+
+
+def _preference(prompt, chosen, rejected, domain, chat=False, margin=None) -> Optional[dict]:
+    """The row, or None when both responses are the same text (no preference: counted, like ties)."""
+    if chosen == rejected:
+        return None
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "chat": chat, "margin": margin}
 
 
 def load_preferences(
@@ -257,14 +346,19 @@ def load_preferences(
         raw = load_raw(source, split, skip_bad_rows)
     if not raw:
         raise common.DataError(f"{source}: no rows (an empty file?)")
-    rows, skipped = [], 0
+    rows, skipped, no_preference = [], 0, 0
     for i, (where, row) in enumerate(raw[:max_rows]):
         try:
+            if isinstance(row, common.DataError):  # found while reading (a ragged CSV row)
+                raise row
             if not isinstance(row, dict):
                 raise common.DataError(
                     f"{where}: a row must be an object with prompt/chosen/rejected, got {type(row).__name__}"
                 )
-            pref = to_preference(row, tokenizer, where)
+            try:
+                pref = to_preference(row, tokenizer, where)
+            except (TypeError, KeyError, AttributeError, IndexError) as e:  # a shape no check above foresaw
+                raise common.DataError(f"{where}: not a preference row ({type(e).__name__}: {str(e)[:200]})") from None
         except common.DataError:
             if not skip_bad_rows:
                 raise
@@ -272,6 +366,10 @@ def load_preferences(
             continue
         if pref is not None:
             rows.append({**pref, "row": i, "where": where})
+        else:
+            no_preference += 1
+    if no_preference:
+        print(f"{source}: dropped {no_preference} row(s) without a preference (tied ratings or identical responses)")
     if skipped:
         print(f"{source}: skipped {skipped} bad row(s) of {len(raw[:max_rows])} (--skip-bad-rows)")
     if not rows:

@@ -3,8 +3,8 @@
 Each script calls these in plain sight, in this order, and keeps the algorithm (its losses, the robust weights,
 the optimizer steps and the training loop) to itself:
 
-    args, run = lifecycle.start(Args)          # flags, torchrun, the output folder's previous run, seeding
-    run.open_folder()                          # rank 0: lock the folder, metrics.jsonl and TensorBoard
+    args, run = lifecycle.start(Args)          # flags, signals, torchrun, the previous run and checkpoint, seeding
+    run.open_folder(model)                     # once data and models are checked: the folder becomes this run's
     model = lifecycle.prepare_model(...)       # gradient checkpointing, LoRA; run.distribute: DDP or FSDP2
     resumed = run.resume(modules, ...)         # a checkpoint's weights, optimizer and RNG states, data replayed
     for step in run.steps(...):                # the script's training step, then
@@ -19,7 +19,6 @@ a kill cannot corrupt.
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -40,6 +39,26 @@ from tqdm import tqdm
 import common
 import ingest
 from common import ArgumentError, UserError, device_of, is_sharded
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+"""transformers' schedulers that need nothing but the warm-up and total steps (the others need a metric or more
+arguments)"""
+
+
+MEANINGFUL_RANGES = (
+    ("gamma", 0.0, 1.0, "a discount"),
+    ("lam", 0.0, 1.0, "GAE's lambda"),
+    ("temperature", 1e-2, 1e2, "below, logits / temperature overflow (use --eval-greedy); above, sampling is noise"),
+)
+"""(flag, low, high, why) of values outside which training is meaningless, checked at parse time."""
 
 
 @dataclass
@@ -115,10 +134,25 @@ class RunArgs:
         )
         if self.fsdp and self.lora_r:
             raise ValueError("--fsdp with --lora-r is not supported yet: LoRA models are trained replicated (DDP)")
-        if self.track and importlib.util.find_spec("wandb") is None:  # refused before anything is written
-            raise ValueError(
-                "--track mirrors the logs to Weights and Biases, but wandb is not installed (pip install wandb)"
-            )
+        if self.merge_lora and not self.lora_r:
+            raise ValueError("--merge-lora needs --lora-r > 0 (without LoRA there is no adapter to merge)")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
+        seed = getattr(self, "seed", 0)
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
+        for name, low, high, why in MEANINGFUL_RANGES:  # flags of some scripts, where they have them
+            value = getattr(self, name, None)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"--{name} must be in [{low}, {high}], got {value}: {why}")
+        scheduler = getattr(self, "lr_scheduler_type", None)
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise ValueError(f"--lr-scheduler-type must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
+        if self.track:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("--track mirrors the logs to Weights and Biases: install wandb (pip install wandb)")
 
 
 def check_args(args, positive: str = "", non_negative: str = "", fraction: str = ""):
@@ -142,31 +176,49 @@ def check_args(args, positive: str = "", non_negative: str = "", fraction: str =
 
 
 def start(args_class):
-    """Parse the flags into `args_class` (tyro), join torchrun, name the run, find the checkpoint to resume (refusing
-    a folder that holds another run unless --resume or --overwrite says what to do with it) and seed every
-    generator: the same model initialisation and batch order on every process, which each take their own shard.
-    Nothing on disk changes yet. Returns (args, run)."""
+    """Parse the flags into `args_class` (tyro), join torchrun, name the run, check the output folder and find the
+    checkpoint to resume (refusing a folder that holds another run unless --resume or --overwrite says what to do
+    with it, and a resume whose flags would change the result) and seed every generator: the same model
+    initialisation and batch order on every process, which each take their own shard. SIGTERM and SIGINT stop the
+    run cleanly from here on. Nothing on disk changes yet. Returns (args, run)."""
     exit_cleanly_on_user_errors()
+    stop = StopSignal()  # before the loop a signal stops the run at once, with a message (see StopSignal)
     args = tyro.cli(args_class)
-    return args, Run(args)
+    return args, Run(args, stop)
 
 
 class Run:
     """One run of a script: its processes, its output folder and the state of its lifecycle (the step it resumed
     from, the steps skipped as non-finite, the stop signal). Each method is one plainly named moment of the run."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, stop=None):
+        self.args, self.stop = args, stop or StopSignal()
+        self.flags = flags_of(args)  # as parsed: what a checkpoint stores and a resume compares
         self.distributed, self.rank, self.world, self.device = init_distributed()
+        exit_cleanly_on_user_errors(self.rank)  # again: torch.distributed wraps the hook, which loses the message
         self.evaluating = self.rank == 0 or args.fsdp  # with --fsdp every process takes part in each forward
         args.world_size = self.world
-        dataset_name, robust = args.dataset.split("/")[-1], f"{args.dro.kind}-{args.dro.rho}"  # e.g. chi2-0.5
+        if args.fsdp and not self.distributed:
+            raise ArgumentError("--fsdp shards over the processes of torchrun: run the script under torchrun")
+        dataset_name, robust = (
+            args.dataset.rstrip("/").split("/")[-1],
+            f"{args.dro.kind}-{args.dro.rho}",
+        )  # e.g. chi2-0.5
         args.run_id = f"{dataset_name}__{args.exp_name}__{robust}__{args.seed}__{int(time.time())}"
         if (args.resume or args.resume_from) and not args.output_dir:
             raise ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
         self.output_dir = args.output_dir or f"runs/{args.run_id}"
+        check_output_dir(self.output_dir)
         self.resuming = checkpoint_to_resume(args, self.output_dir)  # None for a new run; keeps its run id
-        self.tracker, self.stop, self.start_step, self.skipped_steps = None, None, 0, 0  # (resume sets the last two)
+        self.replacing = previous_run(self.output_dir, args, self.resuming)  # another run's files, to delete
+        if self.replacing:
+            check_inputs_outside(args, self.output_dir)
+        self.loaded = read_checkpoint(self.resuming, self.rank) if self.resuming else None  # before anything changes
+        if self.resuming:
+            check_same_flags(self.resuming, self.flags, self.loaded[0]["step"])
+            if not self.replacing:
+                read_metrics(os.path.join(self.output_dir, "metrics.jsonl"))  # a damaged file refused now, not later
+        self.tracker, self.start_step, self.skipped_steps = None, 0, 0  # (resume sets the last two)
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -183,12 +235,17 @@ class Run:
         if self.rank == 0:
             print(message)
 
-    def open_folder(self):
-        """Rank 0, once the inputs are checked: lock the output folder, clear a previous run (--overwrite) or cut a
-        resumed run's metrics back to its checkpoint, and open metrics.jsonl and TensorBoard (wandb with --track)."""
+    def open_folder(self, *models):
+        """The last step of start-up, once the data are read and the `models` loaded: check what preparing them will
+        need (LoRA's target modules, gradient checkpointing), then, on rank 0, lock the output folder, delete a
+        previous run (--overwrite) or cut a resumed run's metrics back to its checkpoint, and open metrics.jsonl and
+        TensorBoard (wandb with --track). Nothing before this changes anything on disk."""
+        for model in models:
+            check_preparable(model, self.args)
         if self.rank == 0:
-            self.lock = claim_folder(self.output_dir, self.resuming)
+            self.lock = claim_folder(self.output_dir, _checkpoint_step(self.resuming), self.replacing)
             self.tracker = Tracker(self.args, self.output_dir, _checkpoint_step(self.resuming))
+        self.stop.claimed = self.output_dir if self.rank == 0 and not self.resuming else None
 
     def distribute(self, model, frozen: bool = False):
         """The model as it computes under torchrun: DDP (a trained model), FSDP2 with --fsdp, else itself."""
@@ -204,7 +261,10 @@ class Run:
         for a new run."""
         if not self.resuming:
             return {}
-        state = load_checkpoint(self.resuming, modules, optimizer, scheduler, self.args, self.rank, self.world)
+        state = load_checkpoint(
+            self.resuming, modules, optimizer, scheduler, self.args, self.rank, self.world, self.loaded
+        )
+        self.loaded = None  # (its memory)
         self.start_step, self.skipped_steps = state["step"], state["extra"]["skipped_steps"]
         for _ in range(self.start_step):
             next(batches)
@@ -213,7 +273,8 @@ class Run:
     def steps(self, total_steps: int, desc: str):
         """The steps still to run (after a resumed checkpoint's), with a progress bar on rank 0. From here on
         SIGTERM and SIGINT finish the step, save a checkpoint and exit (see `checkpoint`)."""
-        self.stop, self.started = StopSignal(), time.time()
+        self.stop.in_loop = True
+        self.started = time.time()
         return tqdm(
             range(self.start_step + 1, total_steps + 1),
             initial=self.start_step,
@@ -263,14 +324,30 @@ class Run:
         if self.stop.requested() or (every and step % every == 0 and step < self.args.total_steps):
             extra = {"skipped_steps": self.skipped_steps, **extra}
             save_checkpoint(
-                self.output_dir, step, modules, optimizer, scheduler, extra, self.args, self.rank, self.world
+                self.output_dir,
+                step,
+                modules,
+                optimizer,
+                scheduler,
+                extra,
+                self.args,
+                self.rank,
+                self.world,
+                self.flags,
             )
             if self.stop.signum:
                 self.stop.exit(self.output_dir, step)
 
     def finish(self, model, tokenizer, base_changed: bool = False):
         """The end: the model (see `save_run`) and args.json, the logs closed, and every process leaving torchrun
-        together (one exiting while another still writes can abort in gloo)."""
+        together (one exiting while another still writes can abort in gloo). A run whose every step was skipped as
+        non-finite saves nothing: its model is untrained."""
+        if self.skipped_steps >= self.args.total_steps:
+            raise FloatingPointError(
+                f"every one of the {self.skipped_steps} steps was skipped as non-finite (--skip-nonfinite-steps): the "
+                f"model is untrained and nothing was saved. Likely causes: a flag too extreme (--learning-rate, "
+                f"--dro.group-step, --temperature, --beta, --gamma/--lam), fp16/bf16 overflow"
+            )
         save_run(self.output_dir, self.args, model, tokenizer, self.args.total_steps, base_changed)
         if self.rank == 0:
             self.tracker.close()
@@ -289,17 +366,56 @@ def _nonfinite_message(step: int, what: str) -> str:
     return f"step {step}: {what}; stopping before anything is saved (--skip-nonfinite-steps skips such steps)"
 
 
-def exit_cleanly_on_user_errors():
-    """Make an uncaught UserError print `error: <message>` and exit with code 2, without a traceback; any other
-    exception (a bug) keeps its traceback."""
+def exit_cleanly_on_user_errors(rank: int = 0):
+    """Make an uncaught UserError print `error: <message>` and exit with code 2, without a traceback, and so an error
+    of the environment (a full disk, a read-only or missing folder: an OSError naming its file) print
+    `error: <file>: <reason>` and exit with code 1; a stop before the training loop (`Stopped`) prints its message
+    and exits with 128 + the signal; any other exception (a bug) keeps its traceback. Under torchrun the same
+    message raised by several processes is printed once (the first to print it leaves a mark in the temp folder)."""
 
     def hook(kind, error, traceback):
+        if issubclass(kind, Stopped):
+            _print_once(str(error), rank)
+            sys.exit(128 + error.signum)
         if issubclass(kind, UserError):
-            print(f"error: {error}", file=sys.stderr)
+            _print_once(f"error: {error}", rank)
             sys.exit(2)
+        if issubclass(kind, OSError) and error.filename is not None:
+            _print_once(f"error: {environment_message(error)}", rank)
+            sys.exit(1)
         sys.__excepthook__(kind, error, traceback)
 
     sys.excepthook = hook
+
+
+def _print_once(message: str, rank: int):
+    """Print to stderr; under torchrun only if no other process of this launch printed the same message."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        import hashlib
+        import tempfile
+
+        launch = f"{os.environ['TORCHELASTIC_RUN_ID']}-{os.environ.get('MASTER_PORT')}-{os.getppid()}"  # torchrun's pid
+        key = hashlib.sha1((launch + message).encode()).hexdigest()[:16]
+        try:
+            os.close(os.open(os.path.join(tempfile.gettempdir(), f"dro-rlhf-error-{key}"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return  # another process printed it
+        except OSError:
+            pass
+        message = f"[rank {rank}] {message}" if rank else message
+    print(message, file=sys.stderr, flush=True)
+
+
+def environment_message(error: OSError) -> str:
+    """An OSError as one line naming the file and the reason, and for a full disk what is kept."""
+    import errno
+
+    message = f"{error.filename}: {error.strerror or error}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        message += " (no space left on the disk: free some, then continue with --resume from the last checkpoint)"
+    elif error.errno == errno.EROFS:
+        message += " (a read-only file system: pass an --output-dir where this user can write)"
+    return message
 
 
 def init_distributed():
@@ -320,45 +436,86 @@ def init_distributed():
 def check_model_path(path: str, flag: str):
     """A clear error for a local model folder that is not there (instead of the hub client's repo-id message)."""
     if ingest._is_local(path) and not os.path.isdir(path):
-        raise ArgumentError(f"{flag} {path}: no such folder")
+        raise ArgumentError(
+            f"{flag} {path}: " + ("a file, not a model folder" if os.path.exists(path) else "no such folder")
+        )
+
+
+def _adapter_base(path: str) -> Optional[str]:
+    """The base model of a saved LoRA adapter folder (its adapter_config.json), or None for any other path."""
+    config = os.path.join(path, "adapter_config.json")
+    if not (ingest._is_local(path) and os.path.exists(config)):
+        return None
+    try:
+        base = json.load(open(config))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArgumentError(f"{path}: a LoRA adapter folder whose adapter_config.json cannot be read ({e})") from None
+    if not base:
+        raise ArgumentError(f"{path}: a LoRA adapter folder that does not say which base model it adapts")
+    return base
 
 
 def load_tokenizer(args):
     """The tokenizer of --tokenizer-name-or-path or of the model (pad = EOS where it has no pad token), or the tiny
-    byte-level one for the default tiny model."""
+    byte-level one for the default tiny model. A LoRA adapter folder without a tokenizer uses its base model's."""
     path = args.tokenizer_name_or_path or args.model_name_or_path
     if path is None:
         return common.tiny_tokenizer()
-    from transformers import AutoTokenizer
-
     check_model_path(path, "--tokenizer-name-or-path" if args.tokenizer_name_or_path else "--model-name-or-path")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except OSError as e:  # not a local folder and not on the hub (or offline)
-        raise ArgumentError(f"{path}: no tokenizer found ({e})") from None
+        tokenizer = _auto_tokenizer(path, args)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # no tokenizer there, not on the hub (or offline)
+        base = _adapter_base(path)
+        if base is None:
+            raise ArgumentError(f"{path}: no tokenizer found ({type(e).__name__}: {str(e)[:300]})") from None
+        tokenizer = _auto_tokenizer(base, args)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.sep_token
     return tokenizer
 
 
-def load_model(auto_class, path: str, args, tokenizer, flag: str = "--model-name-or-path", **kwargs):
+def _auto_tokenizer(path: str, args):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+
+
+def load_model(auto_class, path: str, args, tokenizer, flag: str = "--model-name-or-path", frozen=False, **kwargs):
     """A pretrained model with float32 master weights whatever dtype its checkpoint is stored in (transformers
     would otherwise load a bf16 checkpoint as bf16, and Adam's updates would then mostly round away); --bf16
-    adds bf16 autocast for the forward passes instead. Says what was loaded and how it trains."""
+    adds bf16 autocast for the forward passes instead. A saved LoRA adapter folder is loaded onto its base model
+    and merged. A `frozen` model (a reward or reference model: never trained here) must have every weight in its
+    checkpoint (a causal LM as a reward model would score with a random head) and the run's tokenizer. Says what was
+    loaded and how it trains."""
     from transformers import AutoConfig
 
     check_model_path(path, flag)
+    base = _adapter_base(path)
+    options = dict(
+        dtype=torch.float32,
+        attn_implementation=args.attn_implementation,
+        trust_remote_code=args.trust_remote_code,
+        **kwargs,
+    )
     try:
-        stored = getattr(AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code), "dtype", None)
-        model = auto_class.from_pretrained(
-            path,
-            dtype=torch.float32,
-            attn_implementation=args.attn_implementation,
-            trust_remote_code=args.trust_remote_code,
-            **kwargs,
+        stored = getattr(
+            AutoConfig.from_pretrained(base or path, trust_remote_code=args.trust_remote_code), "dtype", None
         )
-    except OSError as e:
-        raise ArgumentError(f"{flag} {path}: no model found ({e})") from None
+        if base:  # peft's Auto classes load the base, then the adapter (and a trained head) onto it
+            import peft
+
+            peft_class = getattr(peft, auto_class.__name__.replace("AutoModel", "AutoPeftModel"))
+            model, missing = peft_class.from_pretrained(path, **options).merge_and_unload(), []
+        else:
+            model, info = auto_class.from_pretrained(path, output_loading_info=True, **options)
+            missing = info["missing_keys"]
+    except (OSError, ValueError, KeyError) as e:  # no folder or hub repository, no config, an unknown model type
+        raise ArgumentError(f"{flag} {path}: no model found ({type(e).__name__}: {str(e)[:300]})") from None
+    if frozen and missing:
+        raise ArgumentError(
+            f"{flag} {path}: {', '.join(sorted(missing)[:3])} are not in the checkpoint, so they would be random "
+            f"and never trained (a causal LM given where a trained reward model is needed?)"
+        )
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ArgumentError(
@@ -366,11 +523,50 @@ def load_model(auto_class, path: str, args, tokenizer, flag: str = "--model-name
             f"but the model embeds only {rows}: it is not the model's own tokenizer (transformers may "
             f"have built one for the model type from other files); pass --tokenizer-name-or-path"
         )
+    if frozen:
+        check_same_tokenizer(path, tokenizer, flag, args)
     print(
-        f"{path}: checkpoint stored in {stored or 'float32'}; float32 master weights"
+        f"{path}: "
+        + (f"a LoRA adapter on {base}, merged; " if base else "")
+        + f"checkpoint stored in {stored or 'float32'}; float32 master weights"
         + (", bf16 autocast" if args.bf16 else "")
     )
     return model
+
+
+def check_same_tokenizer(path: str, tokenizer, flag: str, args):
+    """A model that reads the policy's tokens (a reward or reference model) must have been trained on the same
+    tokenizer: the same vocabulary and special tokens. Checked against the tokenizer saved with it, if any."""
+    try:
+        theirs = _auto_tokenizer(path, args)
+    except Exception:  # no tokenizer saved with the model: nothing to compare
+        return
+    special = ("bos_token", "eos_token", "unk_token")
+    mine_special = {k: getattr(tokenizer, k) for k in special}
+    theirs_special = {k: getattr(theirs, k) for k in special}
+    if theirs.get_vocab() != tokenizer.get_vocab() or mine_special != theirs_special:
+        raise ArgumentError(
+            f"{flag} {path}: its tokenizer differs from the policy's ({len(theirs)} tokens, special "
+            f"{theirs_special}; the policy's: {len(tokenizer)} tokens, {mine_special}): it would read other "
+            f"token ids than it was trained on; pass a model trained with the policy's tokenizer"
+        )
+
+
+def check_preparable(model, args):
+    """What prepare_model will need, checked before the output folder is claimed: gradient checkpointing support and
+    LoRA target modules that the model has (as peft matches them: the name or its last components)."""
+    if args.gradient_checkpointing and not model.supports_gradient_checkpointing:
+        raise ArgumentError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    if not args.lora_r or not args.lora_target_modules:
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in args.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        last = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ArgumentError(
+            f"--lora-target-modules: {type(model).__name__} has no module named {', '.join(missing)}; its linear "
+            f"layers: {', '.join(last)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,13 +719,96 @@ def check_outputs(values, what: str, where: str, must_vary: bool = True):
 RUN_FILES = ("metrics.jsonl", "args.json", "model", "checkpoints")
 
 
+RESUMABLE_FLAGS = {
+    "eval_every": "evaluation cadence",
+    "eval_batch_size": "evaluation batch",
+    "log_every": "logging",
+    "save_every": "checkpoint cadence",
+    "keep_checkpoints": "checkpoints kept",
+    "save_model": "the final save",
+    "merge_lora": "the final save",
+    "output_dir": "output",
+    "track": "tracking",
+    "wandb_project_name": "tracking",
+    "wandb_entity": "tracking",
+    "resume": "resuming",
+    "resume_from": "resuming",
+    "overwrite": "resuming",
+    "total_steps": "more steps (not fewer than the checkpoint's)",
+}
+"""The flags a resumed run may change: they cannot change the trained model. Any other difference is refused."""
+
+
+def flags_of(args) -> dict:
+    """The flags as parsed, as plain JSON values (nested dataclasses such as --dro.* as dicts)."""
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(args), default=str))
+
+
+def _flag_differences(old: dict, new: dict, prefix: str = "") -> list:
+    """[(flag, old value, new value)] of every flag that differs, nested ones as --dro.rho."""
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += _flag_differences(a, b, prefix + key + ".")
+        elif a != b:
+            differences.append((prefix + key, a, b))
+    return differences
+
+
+def check_same_flags(checkpoint: str, flags: dict, step: int):
+    """Refuse to resume with flags that would change the result (every one is named with its old and new value);
+    only RESUMABLE_FLAGS may change, and --total-steps not below the checkpoint's step."""
+    meta = _read_complete(checkpoint)
+    if "flags" not in meta:  # a checkpoint of an older version, which did not store them
+        print(f"note: checkpoint {checkpoint} does not record its flags: they cannot be compared with this run's")
+        return
+    if flags["total_steps"] < step:
+        raise ArgumentError(
+            f"--total-steps {flags['total_steps']}: checkpoint {checkpoint} is already at step {step}; "
+            f"resume with --total-steps >= {step}, or resume from an earlier checkpoint with --resume-from"
+        )
+    derived = {"run_id", "world_size", "micro_batch_size", "local_batch_size", "minibatch_size"}  # computed
+    changed = [
+        f"--{name.replace('_', '-')} {old!r} -> {new!r}"
+        for name, old, new in _flag_differences(meta["flags"], flags)
+        if name not in RESUMABLE_FLAGS and name not in derived
+    ]
+    if changed:
+        raise ArgumentError(
+            f"checkpoint {checkpoint} was written with other flags, which would change the result: "
+            f"{'; '.join(changed)}. Resume with the flags of that run (only {', '.join(_resumable())} may "
+            f"change), or start a new run in another --output-dir"
+        )
+
+
+def _resumable() -> list:
+    return ["--" + name.replace("_", "-") for name in RESUMABLE_FLAGS if name not in ("resume", "resume_from")]
+
+
+def _read_complete(checkpoint: str) -> dict:
+    """A checkpoint's COMPLETE marker (what wrote it, its step and its files' sizes); a damaged one is an error."""
+    try:
+        with open(os.path.join(checkpoint, "COMPLETE")) as f:
+            meta = json.load(f)
+        meta["step"], meta["files"]  # noqa: B018 (the keys every marker has)
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArgumentError(
+            f"checkpoint {checkpoint}: its COMPLETE marker cannot be read ({type(e).__name__}); "
+            f"resume from another with --resume-from"
+        ) from None
+
+
 def checkpoint_to_resume(args, output_dir: str) -> Optional[str]:
     """The checkpoint to resume from (--resume-from, or with --resume the latest complete one of the output folder),
     after refusing a folder that holds a previous run unless --resume or --overwrite says what to do with it. A
     resumed run keeps the run id of the run it continues (args.run_id)."""
     checkpoint = _locate_checkpoint(args, output_dir)
     if checkpoint:  # checked before anything is touched: the sizes of its files and what wrote it
-        meta = json.load(open(os.path.join(checkpoint, "COMPLETE")))
+        meta = _read_complete(checkpoint)
         for name, size in meta["files"].items():
             path = os.path.join(checkpoint, name)
             if not os.path.exists(path) or os.path.getsize(path) != size:
@@ -538,23 +817,35 @@ def checkpoint_to_resume(args, output_dir: str) -> Optional[str]:
                     f"resume from another with --resume-from"
                 )
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        for key, mine in (("script", args.exp_name), ("world_size", world), ("model", args.model_name_or_path)):
-            if meta[key] != mine:
+        for key, flag, mine in (
+            ("script", "--exp-name", args.exp_name),
+            ("world_size", "the number of processes", world),
+            ("model", "--model-name-or-path", _normalised(args.model_name_or_path)),
+        ):
+            if _normalised(meta[key]) != mine:
                 raise ArgumentError(
-                    f"checkpoint {checkpoint} was written with {key} {meta[key]!r}, this run has {mine!r}"
+                    f"checkpoint {checkpoint} was written with {flag} {meta[key]!r}, this run has {mine!r}"
                 )
         args.run_id = meta["run_id"]
     return checkpoint
 
 
+def _normalised(path):
+    """A local path without a trailing slash (the same folder however it is written); anything else as it is."""
+    return os.path.normpath(path) if isinstance(path, str) and ingest._is_local(path) else path
+
+
 def _locate_checkpoint(args, output_dir: str) -> Optional[str]:
     """--resume-from's folder, --resume's latest complete checkpoint, or None for a new run (refused in a folder
-    that holds a previous run, unless --overwrite)."""
+    that holds a previous run, unless --overwrite; with --resume, a folder that holds no run at all starts one)."""
     if args.resume_from:
+        if not os.path.isdir(args.resume_from):
+            raise ArgumentError(f"--resume-from {args.resume_from}: no such folder")
         if not os.path.exists(os.path.join(args.resume_from, "COMPLETE")):
             raise ArgumentError(f"--resume-from {args.resume_from}: not a complete checkpoint (no COMPLETE marker)")
         return args.resume_from
     folder = os.path.join(output_dir, "checkpoints")
+    previous = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
     if args.resume:
         done = (
             sorted(
@@ -565,10 +856,12 @@ def _locate_checkpoint(args, output_dir: str) -> Optional[str]:
             if os.path.isdir(folder)
             else []
         )
-        if not done:
+        if done:
+            return os.path.join(folder, done[-1])
+        if previous:
             raise ArgumentError(f"--resume: {output_dir} has no complete checkpoint to resume from")
-        return os.path.join(folder, done[-1])
-    previous = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
+        print(f"--resume: {output_dir} holds no run yet (none was started or it stopped before step 1): a new run")
+        return None
     if previous and not args.overwrite:
         raise ArgumentError(
             f"{output_dir} holds a previous run ({', '.join(previous)}); pass --resume to continue it, "
@@ -578,14 +871,116 @@ def _locate_checkpoint(args, output_dir: str) -> Optional[str]:
 
 
 def _checkpoint_step(checkpoint: Optional[str]) -> Optional[int]:
-    return json.load(open(os.path.join(checkpoint, "COMPLETE")))["step"] if checkpoint else None
+    return _read_complete(checkpoint)["step"] if checkpoint else None
 
 
-def claim_folder(output_dir: str, checkpoint: Optional[str]):
+def check_output_dir(output_dir: str):
+    """The output folder can be made and written, checked without creating anything: an existing path that is not
+    a folder, or no write permission on it or on the nearest folder above it (a read-only file system), is refused."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ArgumentError(f"--output-dir {output_dir}: exists and is not a folder")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ArgumentError(f"--output-dir {output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--output-dir {output_dir}: {existing} cannot be written (permissions or read-only)")
+
+
+def _run_id_of_folder(output_dir: str) -> Optional[str]:
+    """The run id of the run whose files a folder holds (args.json, metrics.jsonl or its latest checkpoint)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        return json.load(open(os.path.join(output_dir, "args.json")))["run_id"]
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return read_metrics(os.path.join(output_dir, "metrics.jsonl"), quiet=True)[0]["run_id"]
+    folder = os.path.join(output_dir, "checkpoints")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        latest = sorted(c for c in os.listdir(folder) if c.startswith("step-") and "." not in c)[-1]
+        return json.load(open(os.path.join(folder, latest, "COMPLETE")))["run_id"]
+    return None
+
+
+def previous_run(output_dir: str, args, checkpoint: Optional[str]) -> bool:
+    """Whether the output folder holds files of a run other than the one this run makes or continues, which
+    claiming the folder will delete: a new run's --overwrite, or --resume-from a checkpoint of another run (refused
+    without --overwrite: it would mix two runs' models and metrics in one folder)."""
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
+    if not present:
+        return False
+    if checkpoint is None:
+        return True  # (without --overwrite, _locate_checkpoint refused it already)
+    inside = os.path.realpath(checkpoint).startswith(os.path.realpath(os.path.join(output_dir, "checkpoints")) + "/")
+    if inside or _run_id_of_folder(output_dir) == args.run_id:
+        return False
+    if not args.overwrite:
+        raise ArgumentError(
+            f"{output_dir} holds another run ({_run_id_of_folder(output_dir) or 'unknown id'}: "
+            f"{', '.join(present)}) than the one checkpoint {checkpoint} continues ({args.run_id}); pass an "
+            f"empty --output-dir, the checkpoint's own run folder, or --overwrite to replace that run"
+        )
+    return True
+
+
+def check_inputs_outside(args, output_dir: str):
+    """Refuse an input (a model, tokenizer, dataset or checkpoint flag) that lies inside a previous run's files in
+    the output folder, which claiming the folder deletes (e.g. --model-name-or-path <dir>/model --overwrite)."""
+    doomed = [os.path.realpath(os.path.join(output_dir, f)) for f in RUN_FILES]
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if not isinstance(item, str) or not item or not os.path.exists(item) or name == "output_dir":
+                continue
+            path = os.path.realpath(item)
+            if any(path == d or path.startswith(d + "/") for d in doomed):
+                raise ArgumentError(
+                    f"--{name.replace('_', '-')} {item} lies inside the previous run in {output_dir}, which "
+                    f"--overwrite would delete; copy it elsewhere first or pass another --output-dir"
+                )
+
+
+def read_checkpoint(path: str, rank: int = 0):
+    """(state, rng) of a checkpoint, read whole before anything changes on disk: one that cannot be read is an
+    error naming it, and a resume that fails on it has touched nothing."""
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False, map_location="cpu")
+        rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
+        state["step"], state["modules"], state["extra"]  # noqa: B018 (the keys every checkpoint has)
+    except Exception as e:
+        raise ArgumentError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): "
+            f"truncated or corrupt; resume from another with --resume-from"
+        ) from None
+    return state, rng
+
+
+def read_metrics(path: str, quiet: bool = False) -> list:
+    """The lines of metrics.jsonl as dicts. Blank lines are ignored and a last line cut short (a crash in the
+    middle of a write) is dropped with a note; any other line that is not a JSON object is an error naming it."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer step")
+        except (UnicodeDecodeError, ValueError) as e:
+            if i == len(lines) - 1:
+                if not quiet:
+                    print(f"{path}, line {number}: cut short (a crash while writing it?); dropped")
+                continue
+            raise ArgumentError(f"{path}, line {number}: not a metrics line ({e}); repair or remove it") from None
+        rows.append(row)
+    return rows
+
+
+def claim_folder(output_dir: str, resume_step: Optional[int], replacing: bool = False):
     """Lock the output folder for this run (a concurrent run is turned away; the lock holds until the process ends,
-    however it ends), then make it the run's: a new run (after --overwrite) removes the previous one's files, a
-    resumed one keeps the metrics.jsonl lines up to its checkpoint's step (later ones are written again).
-    Returns the lock's open file."""
+    however it ends), then make it the run's: `replacing` removes a previous run's files (--overwrite), a resumed
+    run keeps the metrics.jsonl lines up to its checkpoint's step (later ones are written again), a new run starts
+    an empty metrics.jsonl. Returns the lock's open file."""
     import fcntl
     import shutil
 
@@ -596,16 +991,13 @@ def claim_folder(output_dir: str, checkpoint: Optional[str]):
     except BlockingIOError:
         raise ArgumentError(f"{output_dir}: another run is writing to this folder right now") from None
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    if checkpoint is None:
+    if replacing:
         for name in RUN_FILES + tuple(f for f in os.listdir(output_dir) if f.startswith("events.out.tfevents")):
             path = os.path.join(output_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
-        write_atomically(metrics_path, "")
-    else:
-        resume_step = _checkpoint_step(checkpoint)
-        lines = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-        kept = [line for line in lines if line["step"] <= resume_step]
-        write_atomically(metrics_path, "".join(json.dumps(line) + "\n" for line in kept))
+    kept = [] if replacing or resume_step is None else read_metrics(metrics_path)
+    kept = [line for line in kept if line["step"] <= resume_step] if kept else []
+    write_atomically(metrics_path, "".join(json.dumps(line) + "\n" for line in kept))
     return lock
 
 
@@ -684,17 +1076,45 @@ def write_atomically(path: str, text: str):
     os.replace(path + ".tmp", path)
 
 
+@contextlib.contextmanager
+def _writing(folder: str):
+    """A write that fails on a full disk (torch's and safetensors' writers raise RuntimeErrors without the reason) as
+    an OSError(ENOSPC) naming the folder; the previous checkpoint or model is kept."""
+    import errno
+    import shutil
+
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        free = shutil.disk_usage(folder if os.path.exists(folder) else os.path.dirname(folder)).free
+        if free >= 2**20:  # not a full disk: the error as it is
+            raise
+        raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__}: {str(e)[:200]})", folder) from None
+
+
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def save_checkpoint(
-    output_dir: str, step: int, modules: dict, optimizer, scheduler, extra: dict, args, rank: int = 0, world: int = 1
+    output_dir: str,
+    step: int,
+    modules: dict,
+    optimizer,
+    scheduler,
+    extra: dict,
+    args,
+    rank: int = 0,
+    world: int = 1,
+    flags: Optional[dict] = None,
 ):
     """Everything the next step depends on: the modules' weights, optimizer, scheduler, every process's RNG
-    states, the step and `extra` (anything else the script needs). Written into a temporary folder, fsynced, then
-    renamed to checkpoints/step-<N>; only then are checkpoints beyond --keep-checkpoints removed."""
+    states, the step and `extra` (anything else the script needs), and in COMPLETE the run's `flags` (as parsed,
+    which a resume compares with its own). Written into a temporary folder, fsynced, then renamed to
+    checkpoints/step-<N>; only then are checkpoints beyond --keep-checkpoints removed."""
     import shutil
 
     check_finite(modules, step)
@@ -710,7 +1130,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    with _writing(tmp):
+        torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
     _fsync(os.path.join(tmp, f"rng-{rank}.pt"))
     _barrier()
     if rank == 0:
@@ -725,7 +1146,8 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "extra": extra,
         }
-        torch.save(state, os.path.join(tmp, "state.pt"))
+        with _writing(tmp):
+            torch.save(state, os.path.join(tmp, "state.pt"))
         _fsync(os.path.join(tmp, "state.pt"))
         meta = {
             "step": step,
@@ -734,6 +1156,7 @@ def save_checkpoint(
             "world_size": world,
             "model": args.model_name_or_path,
             "files": {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)},
+            **({"flags": flags} if flags is not None else {}),
         }
         write_atomically(os.path.join(tmp, "COMPLETE"), json.dumps(meta) + "\n")
         _fsync(tmp)
@@ -748,19 +1171,15 @@ def save_checkpoint(
     _barrier()
 
 
-def load_checkpoint(path: str, modules: dict, optimizer, scheduler, args, rank: int = 0, world: int = 1) -> dict:
-    """Restore what save_checkpoint wrote (this process's RNG states included); returns the step and `extra`.
-    A truncated, corrupt or incompatible checkpoint (another script, model or world size) is a clear error."""
-    try:
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-        rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
-    except Exception as e:
-        raise ArgumentError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): "
-            f"truncated or corrupt; resume from another with --resume-from"
-        ) from None
+def load_checkpoint(
+    path: str, modules: dict, optimizer, scheduler, args, rank: int = 0, world: int = 1, loaded=None
+) -> dict:
+    """Restore what save_checkpoint wrote (this process's RNG states included; `loaded`: what read_checkpoint read
+    already); returns the step and `extra`. A truncated, corrupt or incompatible checkpoint (another script, model
+    or world size) is a clear error."""
+    state, rng = loaded or read_checkpoint(path, rank)
     for key, mine in (("script", args.exp_name), ("world_size", world), ("model", args.model_name_or_path)):
-        if state[key] != mine:
+        if _normalised(state[key]) != _normalised(mine):
             raise ArgumentError(f"checkpoint {path} was written with {key} {state[key]!r}, this run has {mine!r}")
     sharded = any(is_sharded(m) for m in modules.values())
     if state.get("fsdp", False) != sharded:
@@ -788,19 +1207,46 @@ def load_checkpoint(path: str, modules: dict, optimizer, scheduler, args, rank: 
     return state
 
 
+class Stopped(BaseException):
+    """A SIGTERM or SIGINT before the training loop (a BaseException, like KeyboardInterrupt, so that no `except
+    Exception` of a loader turns it into another error)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 class StopSignal:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag instead of killing the process: the run finishes its step,
-    saves a checkpoint and exits. Under torchrun the ranks agree on the flag, so they all stop at the same step."""
+    """SIGTERM/SIGINT (preemption, Ctrl-C), from the start of the run. Before the training loop (reading data, loading
+    models, the warm start, the step-0 evaluation) they stop the run at once with `Stopped`: one line says so, and a
+    new run's files are removed, so that the same command (or --resume) starts it again. In the loop they set a flag
+    instead: the run finishes its step, saves a checkpoint and exits. Under torchrun the ranks agree on the flag, so
+    they all stop at the same step."""
 
     def __init__(self):
         import signal
 
-        self.signum = 0
+        self.signum, self.in_loop, self.claimed = 0, False, None  # claimed: a new run's folder, once it wrote there
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        import signal
+
         self.signum = signum
+        if self.in_loop:
+            return
+        name = signal.Signals(signum).name
+        if self.claimed:  # a new run stopped before its first step: nothing worth keeping
+            for name_ in os.listdir(self.claimed):
+                if name_ == "metrics.jsonl" or name_.startswith("events.out.tfevents"):
+                    os.remove(os.path.join(self.claimed, name_))
+        raise Stopped(
+            signum,
+            f"stopped by {name} before the first training step; nothing was saved"
+            + (f" (the files of this run in {self.claimed} were removed)" if self.claimed else "")
+            + ": run the same command again to start over, or --resume to continue from a checkpoint if there is one",
+        )
 
     def requested(self) -> bool:
         flag = torch.tensor([self.signum], dtype=torch.long)
@@ -811,7 +1257,6 @@ class StopSignal:
 
     def exit(self, output_dir: str, step: int):
         import signal
-        import sys
 
         print(
             f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved in {output_dir}/"
@@ -852,8 +1297,9 @@ def save_atomically(model, tokenizer, path: str, state_dict: Optional[dict] = No
     if os.path.exists(old) and not os.path.exists(path):  # a save killed between its two renames
         os.replace(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
+    with _writing(tmp):
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
     for name in os.listdir(tmp):
         _fsync(os.path.join(tmp, name))
     shutil.rmtree(old, ignore_errors=True)

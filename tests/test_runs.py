@@ -138,7 +138,7 @@ def test_truncated_or_foreign_checkpoint_is_a_clear_error_that_touches_nothing(t
     run("dro_reward.py", out, "--total-steps", "3")
     before = (out / "metrics.jsonl").read_text()
     proc = run("dro_dpo.py", out, "--resume", check=False)  # another script's checkpoint
-    assert proc.returncode == 2 and "was written with script 'dro_reward', this run has 'dro_dpo'" in proc.stderr
+    assert proc.returncode == 2 and "was written with --exp-name 'dro_reward', this run has 'dro_dpo'" in proc.stderr
     latest = sorted((out / "checkpoints").iterdir())[-1]
     state = latest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
