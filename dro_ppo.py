@@ -347,6 +347,8 @@ def evaluate(
 
 if __name__ == "__main__":
     args, run = lifecycle.start(Args)  # flags, torchrun, the output folder's previous run, seeding
+    if args.reward_model_path is not None:
+        lifecycle.check_model_path(args.reward_model_path, "--reward-model-path")
     args.local_batch_size = run.per_process(args.batch_size) * args.samples_per_prompt  # rollouts per process
     if args.local_batch_size % args.num_minibatches:
         raise common.ArgumentError(
@@ -373,9 +375,7 @@ if __name__ == "__main__":
         args.max_train_rows,
         args.truncation_mode,
     )
-    if args.reward_model_path is not None:
-        lifecycle.check_model_path(args.reward_model_path, "--reward-model-path")
-    else:
+    if args.reward_model_path is None:  # (a --reward-model-path is checked at start-up, before the data is read)
         gold = map(common.has_gold_reward, train["text"], train["domain"])
         no_gold = next((i for i, has in enumerate(gold) if not has), None)
         if no_gold is not None:

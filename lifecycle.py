@@ -152,7 +152,9 @@ class RunArgs:
             import importlib.util
 
             if importlib.util.find_spec("wandb") is None:
-                raise ValueError("--track mirrors the logs to Weights and Biases: install wandb (pip install wandb)")
+                raise ValueError(
+                    "--track mirrors the logs to Weights and Biases, but wandb is not installed (pip install wandb)"
+                )
 
 
 def check_args(args, positive: str = "", non_negative: str = "", fraction: str = ""):

@@ -28,6 +28,7 @@ def test_unified_feedback(tok):
         "rejected": "5\n",
         "domain": "ultrafeedback",
         "chat": False,  # no chat template: plain "role: content" text, tokenized as plain text
+        "margin": None,  # every row carries the column (None: no margin in the source)
         "row": 0,
         "where": os.path.join(FIX, "unified_feedback.jsonl") + ", line 1",
     }
