@@ -330,7 +330,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-LOGITS_CHUNK_BYTES = 2**27  # float32 logits handled at once by the log-prob, entropy and KL reductions below
+LOGITS_CHUNK_BYTES = 2**25  # float32 logits handled at once by the log-prob, entropy and KL reductions below
 
 
 def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, start: int = 1) -> torch.Tensor:
@@ -347,30 +347,50 @@ def _time_chunks(logits: torch.Tensor):
     return [slice(i, i + step) for i in range(0, t, step)]
 
 
-def _logprobs_and_entropy(logits, targets, temperature: float, entropy: bool):
-    x = logits.float() / temperature if temperature != 1.0 else logits.float()
-    lse = x.logsumexp(-1)
-    logps = x.gather(-1, targets[..., None]).squeeze(-1) - lse
-    return logps, (lse - (x.softmax(-1) * x).sum(-1) if entropy else None)  # H = log Z - E_p[x]
+class _SelectedLogprobs(torch.autograd.Function):
+    """log softmax(logits / temperature) at `targets`, in float32, a chunk of positions at a time. The backward
+    writes each chunk's gradient, (onehot(target) - softmax) * grad / temperature, into one tensor of the logits'
+    shape and dtype: no [N, T, V] float32 copy is ever held, in either pass."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        lse = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+        logps = torch.empty_like(lse)
+        for t in _time_chunks(logits):
+            x = logits[:, t].float() / temperature
+            lse[:, t] = x.logsumexp(-1)
+            logps[:, t] = x.gather(-1, targets[:, t, None]).squeeze(-1) - lse[:, t]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature = temperature
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for t in _time_chunks(logits):
+            g = grad[:, t, None] / ctx.temperature
+            d = (logits[:, t].float() / ctx.temperature - lse[:, t, None]).exp_().mul_(-g)  # -softmax * g
+            at = targets[:, t, None]  # + g at the target (scatter_, not scatter_add_: deterministic on GPUs too)
+            out[:, t] = d.scatter_(-1, at, d.gather(-1, at) + g).to(out.dtype)
+        return out, None, None
 
 
 def token_logprobs(model, ids, mask, start: int = 1, temperature: float = 1.0, entropy: bool = False):
     """log pi(ids[:, t] | ids[:, :t]) for t >= start at `temperature`, in float32 ([N, T - start]); with
-    `entropy`, also the entropy of each of these next-token distributions. Each log-prob is logit - logsumexp,
-    a chunk of positions at a time and recomputed in the backward pass, so nothing of size [N, T, V] is held
-    beyond the model's own logits (never a float32 copy, a temperature copy or a full log_softmax)."""
+    `entropy` (no gradient), also the entropy of each of these next-token distributions. Each log-prob is
+    logit - logsumexp a chunk of positions at a time (`_SelectedLogprobs`), so nothing of size [N, T, V] is held
+    beyond the model's own logits and, in the backward pass, their gradient."""
     logits, targets = next_token_logits(model, ids, mask, start), ids[:, start:]
-    logps, entropies = [], []
-    for t in _time_chunks(logits):
-        if torch.is_grad_enabled() and logits.requires_grad:  # keep only the chunk's inputs for the backward
-            lp, h = torch.utils.checkpoint.checkpoint(
-                _logprobs_and_entropy, logits[:, t], targets[:, t], temperature, entropy, use_reentrant=False
-            )
-        else:
-            lp, h = _logprobs_and_entropy(logits[:, t], targets[:, t], temperature, entropy)
-        logps.append(lp)
-        entropies.append(h)
-    return (torch.cat(logps, 1), torch.cat(entropies, 1)) if entropy else torch.cat(logps, 1)
+    logps = _SelectedLogprobs.apply(logits, targets, temperature)
+    if not entropy:
+        return logps
+    entropies = []
+    with torch.no_grad():
+        for t in _time_chunks(logits):  # H = log Z - E_p[x], chunked like the log-probs
+            x = logits[:, t].float() / temperature
+            entropies.append(x.logsumexp(-1) - (x.softmax(-1) * x).sum(-1))
+    return logps, torch.cat(entropies, 1)
 
 
 @torch.no_grad()

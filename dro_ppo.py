@@ -22,8 +22,11 @@ responses), and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts):
 value loss stays a plain mean over all response tokens (it fits V^pi, which does not depend on q). rho = 0 (or
 --dro.kind erm) gives uniform weights: exactly plain PPO. Minibatches draw rollouts of the batch at random; their
 weights are scaled by N/M (rollouts per batch / per minibatch), so the expected minibatch loss is the full-batch
-robust loss. Under torchrun each process generates for its share of the rollout prompts; the worst case (the
-returns are all-gathered) and the advantage whitening are over the global rollout batch.
+robust loss. The advantages come from GAE on a learned critic (default), or with --baseline rloo from each
+rollout's KL-regularised return minus the mean return of its prompt's other K - 1 samples (no value model and no
+value loss: K samples per prompt stand in for the value head), whitened alike. Under torchrun each process generates
+for its share of the rollout prompts; the worst case (the returns are all-gathered) and the advantage whitening are
+over the global rollout batch.
 
 The tiny default model is first warm-started by 1000 steps of supervised fine-tuning on the
 chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that
@@ -107,6 +110,9 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     """PPO value clip"""
     vf_coef: float = 0.1
     """value loss coefficient"""
+    baseline: Literal["critic", "rloo"] = "critic"
+    """advantage baseline: a learned value model with GAE (critic), or each rollout's return minus the mean return
+    of its prompt's other samples (rloo: no value model, needs --samples-per-prompt >= 2)"""
 
     # Optimisation
     total_steps: int = 60
@@ -162,6 +168,11 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
         )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.baseline == "rloo" and (self.samples_per_prompt < 2 or self.weights_from == "values"):
+            raise ValueError(
+                "--baseline rloo compares each rollout with its prompt's other samples: it needs --samples-per-prompt "
+                f">= 2 (got {self.samples_per_prompt}) and has no critic for --weights-from values"
+            )
         if self.lora_dropout:
             raise ValueError("--lora-dropout must be 0: PPO's ratio compares the policy with itself, dropout is off")
 
@@ -210,6 +221,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         last = (delta + gamma * lam * last) * mask[:, t]
         advantages[:, t] = last
     return advantages, advantages + values
+
+
+def rloo_advantages(returns: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+    """--baseline rloo (REINFORCE leave-one-out, Ahmadian et al. 2024): each rollout's return minus the mean return
+    of its prompt's other K - 1 samples. Rollouts come in runs of K per prompt; one advantage per rollout."""
+    k = samples_per_prompt
+    per_prompt = returns.view(-1, k)
+    return (per_prompt - (per_prompt.sum(1, keepdim=True) - per_prompt) / (k - 1)).flatten()
 
 
 def cross_fitted_weights(losses, prompt_ids, dro, samples_per_prompt):
@@ -261,20 +280,22 @@ def ppo_loss(
     policy loss = sum_j weights_j * (clipped surrogate of rollout j summed over its response tokens) / max_tokens
     (default T): the sequence-level policy gradient, divided by a constant. Averaging each rollout over its own
     length instead would weight short responses up and bias the objective towards them. weights=None is the plain
-    mean (1/N each): plain PPO. The value loss is a plain token mean.
+    mean (1/N each): plain PPO. The value loss is a plain token mean (0 without values: --baseline rloo).
     """
     if weights is None:
         weights = torch.full((logprobs.shape[0],), 1.0 / logprobs.shape[0], device=logprobs.device)
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
     pg_loss = (weights * (surrogate * mask).sum(1)).sum() / (max_tokens or mask.shape[1])
-    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    vf_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
     stats = {
         "losses/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask).item(),
         "losses/approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask).item(),
-        "losses/value_clipfrac": masked_mean(((values - old_values).abs() > cliprange_value).float(), mask).item(),
     }
+    if values is None:
+        return pg_loss, torch.zeros_like(pg_loss), stats
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
+    stats["losses/value_clipfrac"] = masked_mean(((values - old_values).abs() > cliprange_value).float(), mask).item()
     return pg_loss, vf_loss, stats
 
 
@@ -434,31 +455,33 @@ if __name__ == "__main__":
             run.world,
             run.tracker,
         )
-    critic = Critic(policy).to(run.device)
+    critic = Critic(policy).to(run.device) if args.baseline == "critic" else None  # none for --baseline rloo
     policy = lifecycle.prepare_model(policy, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
-    critic.backbone = lifecycle.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")  # its own adapter
-    for model in (policy, critic):  # no dropout anywhere: the PPO ratio must compare the same function
+    if critic is not None:
+        critic.backbone = lifecycle.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")  # its own adapter
+    trained_models = [policy] + ([critic] if critic is not None else [])
+    for model in trained_models:  # no dropout anywhere: the PPO ratio must compare the same function
         lifecycle.disable_dropout(model)
         model.eval()  # train() only for the PPO epochs, where it switches gradient checkpointing on
     reference = lifecycle.reference_policy(policy, args)  # a frozen copy; with LoRA the policy with its adapter off
-    parallel_policy, parallel_critic = run.distribute(policy), run.distribute(critic)  # DDP, FSDP2, or themselves
+    parallel_policy = run.distribute(policy)  # DDP, FSDP2, or itself
+    parallel_critic = run.distribute(critic) if critic is not None else None
     reference = run.distribute(reference, frozen=True)  # sharded with --fsdp
     if reward_model is not None:
         reward_model = run.distribute(reward_model, frozen=True)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": policy.parameters(), "lr": args.learning_rate},
-            {"params": critic.parameters(), "lr": args.value_learning_rate},
-        ]
-    )
+    param_groups = [{"params": policy.parameters(), "lr": args.learning_rate}]
+    if critic is not None:
+        param_groups.append({"params": critic.parameters(), "lr": args.value_learning_rate})
+    optimizer = torch.optim.AdamW(param_groups)
     sampling = dict(top_p=args.top_p, top_k=args.top_k)
     generation_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature, **sampling)
     eval_config = common.sampling_config(
         tokenizer, args.max_new_tokens, args.temperature, greedy=args.eval_greedy, **sampling
     )
     run.print(
-        f"{args.run_id}: {len(train['ids'])} training prompts, policy: {lifecycle.parameter_counts(policy, critic)} "
-        f"with the critic's, reward: {args.reward_model_path or 'gold'}, warm start: {args.sft_steps} steps "
+        f"{args.run_id}: {len(train['ids'])} training prompts, policy: {lifecycle.parameter_counts(*trained_models)} "
+        f"with the critic's (--baseline {args.baseline}), reward: {args.reward_model_path or 'gold'}, "
+        f"warm start: {args.sft_steps} steps "
         f"({time.time() - began:.0f} s), {run.world} process(es) x {args.batch_size // run.world} prompts x "
         f"{args.samples_per_prompt} samples per rollout batch"
     )
@@ -486,7 +509,7 @@ if __name__ == "__main__":
     if run.evaluating and not run.resuming:
         start_results = evaluate_all(0)
     torch.manual_seed(args.seed + run.rank)  # the prompt order is the same on all ranks, the sampling differs per rank
-    modules = {"policy": policy, "critic": critic}
+    modules = {"policy": policy, "critic": critic} if critic is not None else {"policy": policy}
     if not args.lora_r:  # with LoRA the reference is a view of the policy
         modules["reference"] = reference
     resumed = run.resume(modules, optimizer, None, batches)  # a resumed run's state ({} for a new run)
@@ -512,7 +535,7 @@ if __name__ == "__main__":
             logprobs, entropy = common.token_logprobs(policy, ids, mask, context_len, args.temperature, entropy=True)
             ref_logprobs = common.token_logprobs(reference, ids, mask, context_len, args.temperature)
             entropy = masked_mean(entropy, response_mask)
-            values = critic(ids, mask)[:, context_len - 1 : -1]
+            values = critic(ids, mask)[:, context_len - 1 : -1] if critic is not None else None
             scores = rollout_scores(
                 tokenizer,
                 reward_model,
@@ -526,7 +549,10 @@ if __name__ == "__main__":
             kl = common.kl_k3(logprobs, ref_logprobs) * response_mask
             rewards = -args.kl_coef * kl
             rewards[torch.arange(len(rewards)), response_mask.sum(1) - 1] += scores
-            advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+            if args.baseline == "critic":  # GAE on the critic's values
+                advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+            else:  # RLOO: the return minus the mean of the prompt's other samples, at every response token
+                advantages = rloo_advantages(rewards.sum(1), args.samples_per_prompt)[:, None] * response_mask
             advantages = masked_whiten(advantages, response_mask)
 
             # ROBUST: 2. The worst-case prompt weights, from the negated KL-regularised returns grouped by prompt:
@@ -544,21 +570,25 @@ if __name__ == "__main__":
         #    weights give the minibatch mean and the expected minibatch loss is the full-batch robust loss (and by
         #    the world size: the weights of all ranks sum to 1 and DDP averages gradients over ranks)
         t0 = time.time()
-        policy.train(), critic.train()
+        for model in trained_models:
+            model.train()
         for _ in range(args.num_ppo_epochs):
             for mb in torch.randperm(args.local_batch_size, device=run.device).split(args.minibatch_size):
                 with lifecycle.autocast(args, run.device):
                     new_logprobs = common.token_logprobs(
                         parallel_policy, ids[mb], mask[mb], context_len, args.temperature
                     )
-                    new_values = parallel_critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
+                    new_values = old_values = mb_returns = None  # --baseline rloo: no value loss
+                    if critic is not None:
+                        new_values = parallel_critic(ids[mb], mask[mb])[:, context_len - 1 : -1]
+                        old_values, mb_returns = values[mb], returns[mb]
                 pg_loss, vf_loss, ppo_stats = ppo_loss(
                     new_logprobs,
                     logprobs[mb],
                     advantages[mb],
                     new_values,
-                    values[mb],
-                    returns[mb],
+                    old_values,
+                    mb_returns,
                     response_mask[mb],
                     weights[mb] * run.world * args.local_batch_size / len(mb),
                     args.cliprange,
@@ -570,10 +600,11 @@ if __name__ == "__main__":
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = lifecycle.clip_gradients(policy, args.max_grad_norm)
-                value_grad_norm = lifecycle.clip_gradients(critic, args.max_grad_norm)
+                value_grad_norm = grad_norm if critic is None else lifecycle.clip_gradients(critic, args.max_grad_norm)
                 if run.update_is_finite(step, grad_norm, value_grad_norm):  # else skipped, or the run stops
                     optimizer.step()
-        policy.eval(), critic.eval()
+        for model in trained_models:
+            model.eval()
         update_seconds += time.time() - t0
 
         # Logging: objective/ (the RLHF objective), losses/ (last minibatch), charts/ (progress), dro/

@@ -79,3 +79,27 @@ def test_only_the_used_positions_reach_the_output_layer():
     model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     common.token_logprobs(model, ids, mask, start=8)
     assert seen == [(ids.shape[0], ids.shape[1] - 7, VOCAB)]  # positions 7 .. T - 1, not T
+
+
+def test_the_backward_keeps_no_float32_copy_of_the_logits():
+    """What the graph saves for the backward pass: the logits themselves (no copy), the targets and one float32
+    logsumexp per position; the previous path also saved a float32 log_softmax of every position."""
+    logits = torch.randn(4, 50, VOCAB, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (4, 50))
+    saved = []
+
+    def pack(t):
+        saved.append((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logps = common._SelectedLogprobs.apply(logits, targets, 0.7)
+    extra = sum(n for ptr, n in dict(saved).items() if ptr != logits.untyped_storage().data_ptr())
+    assert extra <= targets.numel() * (8 + 4)  # the targets (int64) and the logsumexp (float32)
+    weights = torch.randn_like(logps)
+    (logps * weights).sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    ((logits.float() / 0.7).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1) * weights).sum().backward()
+    assert grad.dtype == torch.bfloat16  # rounded once, from the same float32 value the direct path rounds
+    torch.testing.assert_close(grad, logits.grad, rtol=0, atol=2**-7 * logits.grad.abs().max().item())
