@@ -202,10 +202,7 @@ class Run:
         args.world_size = self.world
         if args.fsdp and not self.distributed:
             raise ArgumentError("--fsdp shards over the processes of torchrun: run the script under torchrun")
-        dataset_name, robust = (
-            args.dataset.rstrip("/").split("/")[-1],
-            f"{args.dro.kind}-{args.dro.rho}",
-        )  # e.g. chi2-0.5
+        dataset_name, robust = args.dataset.rstrip("/").split("/")[-1], f"{args.dro.kind}-{args.dro.rho}"  # chi2-0.5
         args.run_id = f"{dataset_name}__{args.exp_name}__{robust}__{args.seed}__{int(time.time())}"
         if (args.resume or args.resume_from) and not args.output_dir:
             raise ArgumentError("--resume and --resume-from need the --output-dir of the run to continue")
@@ -216,8 +213,9 @@ class Run:
         if self.replacing:
             check_inputs_outside(args, self.output_dir)
         self.loaded = read_checkpoint(self.resuming, self.rank) if self.resuming else None  # before anything changes
+        self.resume_step = self.loaded[0]["step"] if self.resuming else None
         if self.resuming:
-            check_same_flags(self.resuming, self.flags, self.loaded[0]["step"])
+            check_same_flags(self.resuming, self.flags, self.resume_step)
             if not self.replacing:
                 read_metrics(os.path.join(self.output_dir, "metrics.jsonl"))  # a damaged file refused now, not later
         self.tracker, self.start_step, self.skipped_steps = None, 0, 0  # (resume sets the last two)
@@ -245,8 +243,8 @@ class Run:
         for model in models:
             check_preparable(model, self.args)
         if self.rank == 0:
-            self.lock = claim_folder(self.output_dir, _checkpoint_step(self.resuming), self.replacing)
-            self.tracker = Tracker(self.args, self.output_dir, _checkpoint_step(self.resuming))
+            self.lock = claim_folder(self.output_dir, self.resume_step, self.replacing)
+            self.tracker = Tracker(self.args, self.output_dir, self.resume_step)
         self.stop.claimed = self.output_dir if self.rank == 0 and not self.resuming else None
 
     def distribute(self, model, frozen: bool = False):
@@ -870,10 +868,6 @@ def _locate_checkpoint(args, output_dir: str) -> Optional[str]:
             f"--overwrite to replace it, or another --output-dir"
         )
     return None
-
-
-def _checkpoint_step(checkpoint: Optional[str]) -> Optional[int]:
-    return _read_complete(checkpoint)["step"] if checkpoint else None
 
 
 def check_output_dir(output_dir: str):
