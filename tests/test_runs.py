@@ -306,7 +306,14 @@ def test_ppo_writes_its_model_with_every_reward_and_eval_combination(tmp_path):
 def test_torchrun_killed_and_resumed_equals_uninterrupted(tmp_path, sharding):
     """2 gloo processes: rank 0 writes the checkpoint, every rank restores its own RNG state (with --fsdp: the
     shards are gathered into the checkpoint and each process takes its own back)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]  # a free port: the two cases may run at once
     cmd = lambda out, *extra: [*torchrun, *command("dro_reward.py", out)[1:], *sharding, *extra]
     subprocess.run(cmd(tmp_path / "whole"), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen(
