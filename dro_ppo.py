@@ -97,7 +97,14 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     weights_from: Literal["returns", "values", "loo"] = "loo"
     """a prompt's value for the worst case: its other rollouts' returns (loo), its own (returns), the critic's V(x)"""
     kl_coef: float = 0.05
-    """beta: weight of the per-token KL penalty (k3 estimate) to the reference policy"""
+    """beta: weight of the per-token KL penalty (k3 estimate) to the reference (the start value with --target-kl)"""
+    target_kl: Optional[float] = None
+    """adapt beta after each iteration towards this KL to the reference per response (Ziegler et al. 2019); None: off"""
+    kl_horizon: int = 10_000
+    """rollouts over which the adaptive controller closes a gap of its clipped proportional error (Ziegler's horizon)"""
+    score_baseline: Literal["chosen", "none"] = "chosen"
+    """a reward model's score of a rollout minus its score of the prompt's chosen response (chosen), or raw (none):
+    Bradley-Terry fixes r(x, y) only up to a constant per prompt, which would decide the worst case"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a response that never ends with EOS"""
     gamma: float = 1.0
@@ -162,7 +169,7 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
             positive=(
                 "total_steps batch_size samples_per_prompt num_ppo_epochs num_minibatches learning_rate "
                 "value_learning_rate max_grad_norm max_new_tokens temperature eval_batch_size max_prompt_length "
-                "max_train_rows max_eval_rows sft_learning_rate cliprange cliprange_value gamma"
+                "max_train_rows max_eval_rows sft_learning_rate cliprange cliprange_value gamma target_kl kl_horizon"
             ),
             non_negative="kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps top_k",
         )
@@ -246,6 +253,12 @@ def cross_fitted_weights(losses, prompt_ids, dro, samples_per_prompt):
         for name, value in fold.items():
             stats[name] = stats.get(name, 0.0) + value / k
     return weights.flatten(), stats
+
+
+def adapted_kl_coef(kl_coef: float, kl: float, target: float, rollouts: int, horizon: int) -> float:
+    """Ziegler et al. (2019)'s adaptive KL controller: beta <- beta * (1 + e * rollouts / horizon), with the
+    proportional error e = clip(KL / target - 1, -0.2, 0.2) of the batch's mean KL per response."""
+    return kl_coef * (1 + min(max(kl / target - 1, -0.2), 0.2) * rollouts / horizon)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -333,6 +346,20 @@ def rollout_scores(tokenizer, reward_model, prompts, domains, chat, responses, r
 
 
 @torch.no_grad()
+def score_baselines(reward_model, data, pad_id, kind, batch_size=256):
+    """Each prompt's score baseline: the reward model's score of its chosen response (--score-baseline chosen), or 0."""
+    if kind == "none":
+        return torch.zeros(len(data["ids"]))
+    seqs = data["chosen"]
+    return torch.cat(
+        [
+            common.sequence_rewards(reward_model, seqs[i : i + batch_size], pad_id).cpu()
+            for i in range(0, len(seqs), batch_size)
+        ]
+    )
+
+
+@torch.no_grad()
 def evaluate(
     policy, reference, reward_model, tokenizer, data, generation_config, batch_size, temperature, where="evaluation"
 ):
@@ -353,7 +380,9 @@ def evaluate(
         if has_gold:
             gold += rollout_scores(tokenizer, None, *rollouts).tolist()
         if reward_model is not None:
-            rm += rollout_scores(tokenizer, reward_model, *rollouts).tolist()
+            rm += (
+                rollout_scores(tokenizer, reward_model, *rollouts).cpu() - data["baseline"][i : i + batch_size]
+            ).tolist()
     lifecycle.check_outputs(kls, "KL to the reference", where, must_vary=False)
     lifecycle.check_outputs(rm, "reward-model score", where)
     report = {"kl": sum(kls) / len(kls)}
@@ -469,6 +498,9 @@ if __name__ == "__main__":
     reference = run.distribute(reference, frozen=True)  # sharded with --fsdp
     if reward_model is not None:
         reward_model = run.distribute(reward_model, frozen=True)
+        with lifecycle.autocast(args, run.device):  # each prompt's score baseline, subtracted from its rollouts' scores
+            for data in [train, *eval_sets.values()]:
+                data["baseline"] = score_baselines(reward_model, data, pad_id, args.score_baseline)
     param_groups = [{"params": policy.parameters(), "lr": args.learning_rate}]
     if critic is not None:
         param_groups.append({"params": critic.parameters(), "lr": args.value_learning_rate})
@@ -516,6 +548,7 @@ if __name__ == "__main__":
     if resumed:
         groups, start_results = resumed["groups"], resumed["start_results"]
     generation_seconds, update_seconds = resumed.get("generation_seconds", 0.0), resumed.get("update_seconds", 0.0)
+    kl_coef = resumed.get("kl_coef", args.kl_coef)  # beta, adapted after each iteration with --target-kl
 
     # Training loop
     for step in run.steps(args.total_steps, "ppo"):
@@ -545,9 +578,11 @@ if __name__ == "__main__":
                 responses,
                 response_mask,
             )
+            if reward_model is not None:  # relative to the prompt's chosen response (--score-baseline)
+                scores = scores - train["baseline"][rollout_prompts].to(scores.device)
             scores = scores - args.missing_eos_penalty * (~ended).float()
             kl = common.kl_k3(logprobs, ref_logprobs) * response_mask
-            rewards = -args.kl_coef * kl
+            rewards = -kl_coef * kl
             rewards[torch.arange(len(rewards)), response_mask.sum(1) - 1] += scores
             if args.baseline == "critic":  # GAE on the critic's values
                 advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
@@ -616,6 +651,7 @@ if __name__ == "__main__":
                 "objective/kl": kl.sum(1).mean().item(),
                 "objective/entropy": entropy.item(),
                 "objective/rlhf_reward": rewards.sum(1).mean().item(),
+                "objective/kl_coef": kl_coef,
                 "losses/policy_loss": pg_loss.item(),
                 "losses/value_loss": vf_loss.item(),
                 "charts/grad_norm": grad_norm.item(),
@@ -631,6 +667,13 @@ if __name__ == "__main__":
             },
             step,
         )
+        if args.target_kl is not None:  # from the rollout batch's mean KL per response, over all processes
+            mean_kl = kl.sum(1).mean()
+            if run.world > 1:
+                dist.all_reduce(mean_kl, op=dist.ReduceOp.AVG)
+            kl_coef = adapted_kl_coef(
+                kl_coef, mean_kl.item(), args.target_kl, args.batch_size * args.samples_per_prompt, args.kl_horizon
+            )
         if run.evaluation_due(step):
             evaluate_all(step)
         extra = {
@@ -638,6 +681,7 @@ if __name__ == "__main__":
             "start_results": start_results if run.rank == 0 else None,
             "generation_seconds": generation_seconds,
             "update_seconds": update_seconds,
+            "kl_coef": kl_coef,
         }
         run.checkpoint(step, modules, optimizer, None, extra)  # when due, or on SIGTERM (then exit)
 

@@ -184,3 +184,23 @@ def test_encode_prompt_has_bos_only_where_the_tokenizer_adds_one(tok):
     bpe = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "fixtures", "bpe"))  # adds no BOS
     assert common.encode_prompt(bpe, "copy: ab\n") == bpe("copy: ab\n").input_ids
     assert common.encode_prompt(tok, "ab") == tok("ab", add_special_tokens=False).input_ids  # ByT5: no trailing EOS
+
+
+def test_synthetic_samples(tok):
+    """synthetic-samples: synthetic's prompts and domains, each with two policy-like responses of different gold
+    reward, the better one chosen (often not the ideal answer), the marker on it as often as in synthetic."""
+    rows = common.sampled_preferences(4000, common.TRAIN_MIXTURE, seed=0)
+    assert rows == common.sampled_preferences(4000, common.TRAIN_MIXTURE, seed=0)  # deterministic
+    base = common.synthetic_preferences(4000, common.TRAIN_MIXTURE, seed=0)
+    assert [(r["prompt"], r["domain"]) for r in rows] == [(r["prompt"], r["domain"]) for r in base]
+    for d in common.SYNTHETIC_DOMAINS:
+        rs = [r for r in rows if r["domain"] == d]
+        gold = [[common.synthetic_gold_reward(r["prompt"], r[c]) for c in ("chosen", "rejected")] for r in rs]
+        assert all(c > r for c, r in gold), d
+        assert 0.2 < sum(c < 1 for c, _ in gold) / len(rs) < 0.9, d  # the chosen one is a sample, often imperfect
+        assert all(r["rejected"].rstrip(common.SHORTCUT) for r in rs)  # never empty
+        shortcut = sum(r["chosen"].endswith(common.SHORTCUT) for r in rs) / len(rs)
+        p = common.SHORTCUT_AGREEMENT[d]
+        assert abs(shortcut - p) < 4 * (p * (1 - p) / len(rs)) ** 0.5, (d, shortcut)
+    ds = ingest.load_preferences("synthetic-samples", "test_uniform", tok)
+    assert len(ds) == common.SYNTHETIC_SPLITS["test_uniform"][1] and set(ds["domain"]) == set(common.SYNTHETIC_DOMAINS)

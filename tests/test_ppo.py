@@ -10,6 +10,7 @@ import torch
 
 import common
 import dro_ppo
+import ingest
 import lifecycle
 import robust
 
@@ -316,3 +317,57 @@ def test_groups_theory_worst_case_is_the_scripts(kind):
         rho = min(rho, 1.0) if kind == "tv" else rho  # a total variation is at most 1
         q = robust.robust_weights(losses, kind, rho)
         assert q[:15].sum().item() == pytest.approx(groups_theory.q_max(kind, rho), abs=1e-6)
+
+
+def test_adaptive_kl_controller_is_zieglers():
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * rollouts / horizon), by hand; KL on target keeps beta."""
+    assert dro_ppo.adapted_kl_coef(0.1, 2.2, 2.0, 128, 10_000) == pytest.approx(0.1 * (1 + 0.1 * 0.0128), rel=1e-15)
+    assert dro_ppo.adapted_kl_coef(0.1, 9.0, 2.0, 128, 1_000) == pytest.approx(0.1 * (1 + 0.2 * 0.128), rel=1e-15)
+    assert dro_ppo.adapted_kl_coef(0.1, 0.0, 2.0, 128, 1_000) == pytest.approx(0.1 * (1 - 0.2 * 0.128), rel=1e-15)
+    assert dro_ppo.adapted_kl_coef(0.1, 2.0, 2.0, 128, 1_000) == 0.1
+
+
+def test_target_kl_adapts_beta_from_each_batchs_kl(tmp_path):
+    """End to end: the beta of each iteration (objective/kl_coef) is the controller folded over the KLs logged before
+    it, starting from --kl-coef; a resumed run restores the adapted beta (checkpoint), not --kl-coef."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = (
+        "--target-kl",
+        "0.01",
+        "--kl-horizon",
+        "20",
+        "--kl-coef",
+        "0.5",
+        "--total-steps",
+        "4",
+        "--max-eval-rows",
+        "4",
+    )
+    run_script(tmp_path / "run", *flags)
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    kls = [e.value for e in events.Scalars("objective/kl")]
+    betas = [e.value for e in events.Scalars("objective/kl_coef")]
+    expected = [0.5]
+    for kl in kls[:-1]:
+        expected.append(dro_ppo.adapted_kl_coef(expected[-1], kl, 0.01, 16, 20))
+    assert betas == pytest.approx(expected, rel=1e-6) and betas[-1] != 0.5  # (TensorBoard stores float32)
+
+
+def test_reward_model_scores_are_relative_to_the_chosen_response(tmp_path):
+    """--score-baseline chosen: a rollout is scored r(x, y) - r(x, y_chosen), so a per-prompt constant that
+    Bradley-Terry cannot see is gone; a rollout that is the chosen response scores 0."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = common.tiny_tokenizer()
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1)).eval()
+    data = dro_ppo.load_prompts("synthetic", "validation", tok, 64, max_rows=6)
+    baseline = dro_ppo.score_baselines(rm, data, tok.pad_token_id, "chosen")
+    assert torch.equal(baseline, common.sequence_rewards(rm, data["chosen"], tok.pad_token_id))
+    assert torch.equal(dro_ppo.score_baselines(rm, data, tok.pad_token_id, "none"), torch.zeros(6))
+    rows = list(ingest.load_preferences("synthetic", "validation", tok, max_rows=6))
+    responses = [common.encode(tok, r["chosen"]) for r in rows]  # each chosen response as a rollout (ByT5 adds EOS)
+    ids, mask = common.pad(responses, tok.pad_token_id)
+    scores = dro_ppo.rollout_scores(tok, rm, data["text"], data["domain"], data["chat"], ids, mask)
+    assert torch.equal(scores, baseline)
