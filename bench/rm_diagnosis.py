@@ -4,7 +4,8 @@ For the reference (step 0) and every checkpoint of a dro_ppo.py run (--save-ever
 samples responses to an evaluation split's prompts and prints, per domain: the mean gold reward and reward-model
 score, their rank correlation (Spearman) over the samples, and the reward model's pair accuracy on *on-policy pairs*
 (two samples of the same prompt whose gold rewards differ: does the reward model order them as the gold reward
-does?); scores are relative to the prompt's chosen response, as dro_ppo.py's --score-baseline chosen uses them; then the samples the reward model overrates most (high score, low gold), which is what PPO learns to exploit.
+does?), with scores relative to the prompt's chosen response as dro_ppo.py's --score-baseline chosen uses them; then
+the samples the reward model overrates most (high score, low gold), which is what PPO learns to exploit.
 
     python dro_reward.py --output-dir runs/rm
     python dro_ppo.py --reward-model-path runs/rm/model --output-dir runs/ppo_rm --save-every 10 --keep-checkpoints 100
