@@ -32,6 +32,15 @@ class ArgumentError(UserError):
     """A bad command-line argument found after parsing (e.g. a batch that does not split over the processes)."""
 
 
+class TrainingFailure(RuntimeError):
+    """Training went wrong (outputs that no longer depend on the text; see NonFiniteError): the run stopped before
+    anything more was saved, and the scripts print its message alone and exit with code 1."""
+
+
+class NonFiniteError(TrainingFailure, FloatingPointError):
+    """A NaN or infinite loss, gradient, weight or output (a TrainingFailure)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # The embedded benchmark: four synthetic domains named after RewardBench's sections
 # ----------------------------------------------------------------------------------------------
@@ -546,7 +555,9 @@ def warm_start(model, seqs, prompt_lens, pad_id, steps, batch_size, lr, seed, ra
         logps, mask = completion_logprobs(model, [seqs[i] for i in idx], [prompt_lens[i] for i in idx], pad_id)
         loss = -logps.sum() / mask.sum()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"warm-start step {step}: the loss is {loss.item()}")
+            raise NonFiniteError(
+                f"warm-start step {step}: the loss is {loss.item()}; nothing was saved (--sft-learning-rate too high?)"
+            )
         loss.backward()
         optimizer.step()
         scheduler.step()
