@@ -619,12 +619,14 @@ def domain_report(values, domains, name: str = "accuracy") -> dict:
 
 
 def print_table(results: dict, name: str = "accuracy"):
-    """One line per split: each domain, the mean over domains and the worst domain (in %)."""
+    """One line per split: each domain, the mean over the domains (the figure the README and results tables call
+    "mean"), the mean over all rows (metrics.jsonl's value of that name: `accuracy`, `gold_reward`) and the worst
+    domain (in %)."""
     domains = sorted({d for r in results.values() for d in r[f"domain_{name}"]})
     pct = 100 if name == "accuracy" else 1
-    print(f"{'split':<16}" + "".join(f"{d:>11}" for d in domains) + f"{'mean':>9}{'worst':>9}")
+    print(f"{'split':<16}" + "".join(f"{d:>11}" for d in domains) + f"{'domain mean':>13}{'all rows':>10}{'worst':>9}")
     for split, r in results.items():
         per, digits = r[f"domain_{name}"], 1 if pct == 100 else 3
         cells = "".join(f"{pct * per[d]:>11.{digits}f}" if d in per else f"{'-':>11}" for d in domains)
-        mean = sum(per.values()) / len(per)
-        print(f"{split:<16}{cells}{pct * mean:>9.{digits}f}{pct * r[f'worst_domain_{name}']:>9.{digits}f}")
+        mean, rows, worst = sum(per.values()) / len(per), r[name], r[f"worst_domain_{name}"]
+        print(f"{split:<16}{cells}{pct * mean:>13.{digits}f}{pct * rows:>10.{digits}f}{pct * worst:>9.{digits}f}")

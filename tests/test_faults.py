@@ -420,3 +420,14 @@ def test_an_extreme_group_step_trains(tmp_path):
         "dro_reward.py", "--dro.kind", "group", "--dro.group-step", "1e6", "--output-dir", str(out), *FLAGS.split()
     )
     assert proc.returncode == 0 and (out / "model").exists(), proc.stderr[-2000:]
+
+
+# 14: the console's table says which mean is metrics.jsonl's
+
+
+def test_the_console_table_prints_metrics_accuracy_labelled_apart_from_the_domain_mean(capsys):
+    report = common.domain_report([1, 1, 1, 0], ["a", "a", "a", "b"])  # 75% of rows, domains 100% and 0%
+    common.print_table({"test": report})
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[-5:] == ["domain", "mean", "all", "rows", "worst"]
+    assert line.split() == ["test", "100.0", "0.0", "50.0", "75.0", "0.0"] and report["accuracy"] == 0.75
