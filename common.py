@@ -32,6 +32,15 @@ class ArgumentError(UserError):
     """A bad command-line argument found after parsing (e.g. a batch that does not split over the processes)."""
 
 
+class TrainingFailure(RuntimeError):
+    """Training went wrong (outputs that no longer depend on the text; see NonFiniteError): the run stopped before
+    anything more was saved, and the scripts print its message alone and exit with code 1."""
+
+
+class NonFiniteError(TrainingFailure, FloatingPointError):
+    """A NaN or infinite loss, gradient, weight or output (a TrainingFailure)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # The embedded benchmark: four synthetic domains named after RewardBench's sections
 # ----------------------------------------------------------------------------------------------
@@ -594,7 +603,9 @@ def warm_start(model, seqs, prompt_lens, pad_id, steps, batch_size, lr, seed, ra
         logps, mask = completion_logprobs(model, [seqs[i] for i in idx], [prompt_lens[i] for i in idx], pad_id)
         loss = -logps.sum() / mask.sum()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"warm-start step {step}: the loss is {loss.item()}")
+            raise NonFiniteError(
+                f"warm-start step {step}: the loss is {loss.item()}; nothing was saved (--sft-learning-rate too high?)"
+            )
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -656,12 +667,14 @@ def domain_report(values, domains, name: str = "accuracy") -> dict:
 
 
 def print_table(results: dict, name: str = "accuracy"):
-    """One line per split: each domain, the mean over domains and the worst domain (in %)."""
+    """One line per split: each domain, the mean over the domains (the figure the README and results tables call
+    "mean"), the mean over all rows (metrics.jsonl's value of that name: `accuracy`, `gold_reward`) and the worst
+    domain (in %)."""
     domains = sorted({d for r in results.values() for d in r[f"domain_{name}"]})
     pct = 100 if name == "accuracy" else 1
-    print(f"{'split':<16}" + "".join(f"{d:>11}" for d in domains) + f"{'mean':>9}{'worst':>9}")
+    print(f"{'split':<16}" + "".join(f"{d:>11}" for d in domains) + f"{'domain mean':>13}{'all rows':>10}{'worst':>9}")
     for split, r in results.items():
         per, digits = r[f"domain_{name}"], 1 if pct == 100 else 3
         cells = "".join(f"{pct * per[d]:>11.{digits}f}" if d in per else f"{'-':>11}" for d in domains)
-        mean = sum(per.values()) / len(per)
-        print(f"{split:<16}{cells}{pct * mean:>9.{digits}f}{pct * r[f'worst_domain_{name}']:>9.{digits}f}")
+        mean, rows, worst = sum(per.values()) / len(per), r[name], r[f"worst_domain_{name}"]
+        print(f"{split:<16}{cells}{pct * mean:>13.{digits}f}{pct * rows:>10.{digits}f}{pct * worst:>9.{digits}f}")

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import common
 import ingest
-from common import ArgumentError, UserError, device_of, is_sharded
+from common import ArgumentError, NonFiniteError, TrainingFailure, UserError, device_of, is_sharded
 
 SCHEDULERS = (
     "linear",
@@ -59,6 +59,10 @@ MEANINGFUL_RANGES = (
     ("temperature", 1e-2, 1e2, "below, logits / temperature overflow (use --eval-greedy); above, sampling is noise"),
 )
 """(flag, low, high, why) of values outside which training is meaningless, checked at parse time."""
+
+SKIPPED_IN_A_ROW = 10
+"""With --skip-nonfinite-steps, the run stops once this many steps in a row (or all of --total-steps, if fewer) had
+no finite update: a skipped step leaves the model as it was, so a streak is a broken state, not a bad batch."""
 
 
 @dataclass
@@ -218,7 +222,7 @@ class Run:
             check_same_flags(self.resuming, self.flags, self.resume_step)
             if not self.replacing:
                 read_metrics(os.path.join(self.output_dir, "metrics.jsonl"))  # a damaged file refused now, not later
-        self.tracker, self.start_step, self.skipped_steps = None, 0, 0  # (resume sets the last two)
+        self.tracker, self.start_step, self.skipped_steps, self.updated_step = None, 0, 0, 0  # (resume sets the last 3)
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -266,6 +270,7 @@ class Run:
         )
         self.loaded = None  # (its memory)
         self.start_step, self.skipped_steps = state["step"], state["extra"]["skipped_steps"]
+        self.updated_step = state["extra"].get("updated_step", self.start_step)  # (older checkpoints lack it)
         for _ in range(self.start_step):
             next(batches)
         return state["extra"]
@@ -284,22 +289,34 @@ class Run:
         )
 
     def stop_on_nonfinite_loss(self, loss: torch.Tensor, step: int):
-        """A loss that is NaN or infinite stops the run before anything is saved (unless --skip-nonfinite-steps:
+        """A loss that is NaN or infinite stops the run before anything more is saved (unless --skip-nonfinite-steps:
         then its gradient is not finite either, and `update_is_finite` skips the step)."""
         if not torch.isfinite(loss) and not self.args.skip_nonfinite_steps:
-            raise FloatingPointError(_nonfinite_message(step, f"the loss is {loss.item()}"))
+            upstream = "a value upstream that is not finite (the model's outputs, the rewards or the robust weights)"
+            raise NonFiniteError(_nonfinite_message(step, f"the training loss is {loss.item()}, from {upstream}"))
 
     def update_is_finite(self, step: int, *grad_norms: torch.Tensor) -> bool:
         """Whether the optimizer may step: every gradient norm is finite (the same on every process, as DDP and
         FSDP averaged the gradients). Otherwise the step is skipped and counted with --skip-nonfinite-steps, or the
-        run stops before anything is saved."""
+        run stops before anything more is saved; it also stops once SKIPPED_IN_A_ROW steps in a row (or every step
+        of a shorter run) had no finite update: the model is not training."""
         if all(torch.isfinite(norm) for norm in grad_norms):
+            self.updated_step = step
             return True
-        if self.args.skip_nonfinite_steps:
-            self.skipped_steps += 1
-            return False
         norms = ", ".join(str(norm.item()) for norm in grad_norms)
-        raise FloatingPointError(_nonfinite_message(step, f"the gradient norm is {norms}"))
+        if not self.args.skip_nonfinite_steps:
+            raise NonFiniteError(_nonfinite_message(step, f"the gradient norm is {norms}"))
+        self.skipped_steps += 1
+        in_a_row = step - self.updated_step  # steps without a finite update, this one included
+        if in_a_row >= min(SKIPPED_IN_A_ROW, self.args.total_steps):
+            raise NonFiniteError(
+                _nonfinite_message(
+                    step,
+                    f"the gradient norm is {norms}, and no step since step {self.updated_step} had a finite update "
+                    f"({in_a_row} skipped in a row by --skip-nonfinite-steps): the model is not training",
+                )
+            )
+        return False
 
     def log(self, scalars: dict, step: int):
         """Training scalars to TensorBoard (rank 0)."""
@@ -322,7 +339,7 @@ class Run:
         next step depends on, `extra` being the script's own state."""
         every = self.args.save_every
         if self.stop.requested() or (every and step % every == 0 and step < self.args.total_steps):
-            extra = {"skipped_steps": self.skipped_steps, **extra}
+            extra = {"skipped_steps": self.skipped_steps, "updated_step": self.updated_step, **extra}
             save_checkpoint(
                 self.output_dir,
                 step,
@@ -340,14 +357,8 @@ class Run:
 
     def finish(self, model, tokenizer, base_changed: bool = False):
         """The end: the model (see `save_run`) and args.json, the logs closed, and every process leaving torchrun
-        together (one exiting while another still writes can abort in gloo). A run whose every step was skipped as
-        non-finite saves nothing: its model is untrained."""
-        if self.skipped_steps >= self.args.total_steps:
-            raise FloatingPointError(
-                f"every one of the {self.skipped_steps} steps was skipped as non-finite (--skip-nonfinite-steps): the "
-                f"model is untrained and nothing was saved. Likely causes: a flag too extreme (--learning-rate, "
-                f"--dro.group-step, --temperature, --beta, --gamma/--lam), fp16/bf16 overflow"
-            )
+        together (one exiting while another still writes can abort in gloo). (A run whose steps were all skipped as
+        non-finite never gets here: see `update_is_finite`.)"""
         save_run(self.output_dir, self.args, model, tokenizer, self.args.total_steps, base_changed)
         if self.rank == 0:
             self.tracker.close()
@@ -363,15 +374,21 @@ def parameter_counts(model, *others) -> str:
 
 
 def _nonfinite_message(step: int, what: str) -> str:
-    return f"step {step}: {what}; stopping before anything is saved (--skip-nonfinite-steps skips such steps)"
+    return (
+        f"step {step}: {what}. Stopping; earlier checkpoints are kept, nothing more is saved. Likely causes: a "
+        f"learning rate too high, fp16/bf16 overflow, an extreme flag (--beta, --kl-coef, ...); "
+        f"--skip-nonfinite-steps skips a step whose gradient is not finite"
+    )
 
 
 def exit_cleanly_on_user_errors(rank: int = 0):
     """Make an uncaught UserError print `error: <message>` and exit with code 2, without a traceback, and so an error
     of the environment (a full disk, a read-only or missing folder: an OSError naming its file) print
-    `error: <file>: <reason>` and exit with code 1; a stop before the training loop (`Stopped`) prints its message
-    and exits with 128 + the signal; any other exception (a bug) keeps its traceback. Under torchrun the same
-    message raised by several processes is printed once (the first to print it leaves a mark in the temp folder)."""
+    `error: <file>: <reason>` and exit with code 1, and a run stopped by a NaN or infinite value or collapsed outputs
+    (`TrainingFailure`) print `error: <message>` and exit with code 1; a stop before the training loop (`Stopped`)
+    prints its message and exits with 128 + the signal; any other exception (a bug) keeps its traceback. Under
+    torchrun the same message raised by several processes is printed once (the first to print it leaves a mark in the
+    temp folder)."""
 
     def hook(kind, error, traceback):
         if issubclass(kind, Stopped):
@@ -380,6 +397,9 @@ def exit_cleanly_on_user_errors(rank: int = 0):
         if issubclass(kind, UserError):
             _print_once(f"error: {error}", rank)
             sys.exit(2)
+        if issubclass(kind, TrainingFailure):
+            _print_once(f"error: {error}", rank)
+            sys.exit(1)
         if issubclass(kind, OSError) and error.filename is not None:
             _print_once(f"error: {environment_message(error)}", rank)
             sys.exit(1)
@@ -698,14 +718,15 @@ def check_outputs(values, what: str, where: str, must_vary: bool = True):
     """Stop, naming the likely causes, when a model's outputs over an evaluation are not finite (nothing non-finite
     is saved) or the same for every different input (the model reads nothing of the text: a 50% table hides it)."""
     if not all(map(math.isfinite, values)):
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"{where}: a {what} is not finite; nothing was saved. Likely causes: a learning rate "
             f"too high, fp16/bf16 overflow; --skip-nonfinite-steps skips steps with non-finite gradients"
         )
     if must_vary and len(values) > 2 and len(set(values)) == 1:
-        raise RuntimeError(
-            f"{where}: every {what} is exactly {values[0]}, whatever the text; the model sees none of "
-            f"it (a tokenizer that is not the model's own? a head that was not loaded or trained?)"
+        raise TrainingFailure(
+            f"{where}: every {what} is exactly {values[0]}, whatever the text; the model sees none of it (a "
+            f"learning rate so high that training collapsed it? a tokenizer that is not the model's own? a head that "
+            f"was not loaded or trained?); nothing was saved"
         )
 
 
@@ -1276,7 +1297,7 @@ def check_finite(modules: dict, step: int):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             bad = bad or (["(in another process's shard)"] if flag.item() else [])
         if bad:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"step {step}: the {name}'s weights are not finite ({', '.join(bad[:3])}...); nothing "
                 f"was saved. Likely causes: a learning rate too high, --max-grad-norm too high, fp16/bf16 "
                 f"overflow; --skip-nonfinite-steps skips steps whose loss or gradient is not finite"

@@ -65,9 +65,18 @@ class GroupWeights:
         return cls(names, torch.full((len(names),), 1.0 / len(names), dtype=torch.float64))
 
     def update(self, group_losses: torch.Tensor, step: float):
-        """q_g <- q_g exp(step * loss_g), normalised; a domain absent from the batch has loss 0 (Sagawa's code)."""
-        self.weights = self.weights * torch.exp(step * group_losses)
-        self.weights = self.weights / self.weights.sum()
+        """q_g <- q_g exp(step * loss_g), normalised; a domain absent from the batch has loss 0 (Sagawa's code).
+        Computed in log space relative to the largest loss (of a domain with weight), log q_g + step (loss_g - max),
+        normalised by logsumexp: finite for every finite step and losses (exp(step * loss) alone overflows to inf / inf
+        = NaN from step * loss > 709). Losses that are not finite leave the weights as they are (their step is
+        stopped or skipped, see `robust_prompt_weights`)."""
+        losses = group_losses.to(self.weights)
+        if step == 0 or not bool(torch.isfinite(losses).all()):
+            return
+        alive = self.weights > 0  # a weight that underflowed to 0 stays 0, as in the product
+        z = self.weights.log() + step * (losses - losses[alive].max())  # <= log q_g where alive: no overflow
+        z = z.masked_fill(~alive, -math.inf)  # (-inf + inf = NaN when a dead domain's loss is above the others')
+        self.weights = torch.exp(z - torch.logsumexp(z, 0))
 
 
 def robust_weights(losses: torch.Tensor, kind: str, rho: float, return_dual: bool = False, p0=None):
@@ -253,7 +262,8 @@ def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: D
     prompt's loss l_i is the mean of its n_i losses (of the N in the global batch), and q* is computed over the B
     prompts in the ball around the batch's empirical prompt distribution p0_i = n_i / N; each loss of prompt i gets
     q*_i / n_i, so the weights of all ranks sum to 1 and rho = 0 (or --dro.kind erm) gives exactly 1/N each: the
-    plain mean over pairs, as TRL's trainers compute it. Returns (weights, dict of diagnostics).
+    plain mean over pairs, as TRL's trainers compute it. Returns (weights, dict of diagnostics). A batch with a NaN
+    or infinite loss has no worst case: every weight is NaN (so is the step's loss: the run stops or skips the step).
     With --dro.kind group, `groups` (GroupWeights) is updated with each domain's loss, the mean over its losses
     (`domains`: the domain of each loss), and each loss gets its domain's weight / the domain's number of losses.
     """
@@ -266,6 +276,8 @@ def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: D
         for out, t in zip(gathered, (losses, prompt_ids, domain_ids)):
             dist.all_gather(out, t)
         (all_losses, all_ids, all_domains), offset = [torch.cat(g) for g in gathered], rank * losses.numel()
+    if not bool(torch.isfinite(all_losses).all()):  # no worst case: NaN weights make the step's loss NaN, which
+        return torch.full_like(losses, math.nan), {"dro/erm_loss": all_losses.double().mean().item()}  # stops it
     N = all_ids.numel()
     _, inverse, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
     prompt_losses = torch.zeros(len(counts), dtype=torch.float64, device=losses.device)
@@ -293,12 +305,14 @@ def robust_prompt_weights(losses: torch.Tensor, prompt_ids: torch.Tensor, dro: D
     # Weight concentration relative to the centre, i.e. over the N losses: the largest q_i / p0_i (N times the
     # largest weight of a loss: 1 at q = p0, B times the largest q_i when every prompt is distinct) and the effective
     # sample size fraction (sum q)^2 / sum q_i^2 / p0_i (that of the N loss weights divided by N; 1 / (1 + 2 chi2)).
+    # (Group DRO may put all the weight on domains absent from the batch, e.g. with a huge --dro.group-step: q = 0.)
+    square = (q.square() / p0).sum().item()
     stats.update(
         {
             "dro/robust_loss": (q * prompt_losses).sum().item(),
             "dro/erm_loss": all_losses.double().mean().item(),  # = sum p0_i l_i, the plain mean over pairs
             "dro/max_weight_x_B": (q / p0).max().item(),
-            "dro/ess_fraction": q.sum().item() ** 2 / (q.square() / p0).sum().item(),
+            "dro/ess_fraction": q.sum().item() ** 2 / square if square > 0 else math.nan,
             "dro/dual": dual,
         }
     )

@@ -23,6 +23,7 @@ import dro_ppo
 import dro_reward
 import ingest
 import lifecycle
+import robust
 from common import ArgumentError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,12 +349,85 @@ def test_no_file_is_skipped_silently_and_nothing_is_relabelled(tmp_path, capsys)
     assert "dropped 1 row(s) without a preference" in capsys.readouterr().out  # chosen == rejected
 
 
-# 13: a run whose every step was skipped saves nothing
+# 13: extreme values, non-finite steps
 
 
-def test_a_run_whose_every_step_was_skipped_saves_nothing(tmp_path):
-    run = new_run("--skip-nonfinite-steps", "--output-dir", tmp_path / "run")
-    run.skipped_steps = run.args.total_steps
-    with pytest.raises(FloatingPointError, match="every one of the 3 steps was skipped"):
-        run.finish(torch.nn.Linear(1, 1), None)
-    assert not (tmp_path / "run").exists()
+def test_skipped_steps_in_a_row_stop_the_run():
+    """With --skip-nonfinite-steps a skipped step leaves the model as it was: every step of a short run skipped, or
+    SKIPPED_IN_A_ROW steps in a row of a long one, stop the run (counted in steps, not in the updates of a step)."""
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    run = new_run("--skip-nonfinite-steps")  # 3 steps
+    assert not run.update_is_finite(1, nan) and not run.update_is_finite(1, one, nan)  # two updates of step 1
+    assert not run.update_is_finite(2, nan)
+    with pytest.raises(common.NonFiniteError, match="no step since step 0 had a finite update \\(3 skipped in a row"):
+        run.update_is_finite(3, nan)
+    run = new_run("--skip-nonfinite-steps", "--total-steps", 30)
+    assert run.update_is_finite(1, one) and not run.update_is_finite(2, nan) and run.update_is_finite(3, one)
+    for step in range(4, 4 + lifecycle.SKIPPED_IN_A_ROW - 1):
+        assert not run.update_is_finite(step, nan)
+    with pytest.raises(common.NonFiniteError, match=f"since step 3 .*\\({lifecycle.SKIPPED_IN_A_ROW} skipped"):
+        run.update_is_finite(3 + lifecycle.SKIPPED_IN_A_ROW, nan)
+    assert run.skipped_steps == lifecycle.SKIPPED_IN_A_ROW + 1
+
+
+def test_a_nonfinite_loss_is_one_line_that_does_not_blame_the_loss_alone(tmp_path):
+    run = new_run()
+    with pytest.raises(
+        common.NonFiniteError, match="step 2: the training loss is nan, from a value upstream that is not finite"
+    ):
+        run.stop_on_nonfinite_loss(torch.tensor(float("nan")), 2)
+    flags = [*FLAGS.split(), "--learning-rate", "1e9", "--output-dir"]
+    proc = script("dro_reward.py", *flags, str(tmp_path / "collapsed"))  # evaluated after every step
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (
+        "error: step 2, validation: every reward is exactly 0.0" in proc.stderr
+        and "learning rate so high" in proc.stderr
+    )
+    flags[flags.index("--eval-every") + 1] = "0"
+    proc = script("dro_reward.py", *flags, str(tmp_path / "nan"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: step 3: the gradient norm is nan. Stopping; earlier checkpoints are kept" in proc.stderr
+    assert not (tmp_path / "nan" / "model").exists() and (tmp_path / "nan" / "checkpoints" / "step-00000002").exists()
+
+
+def test_group_weights_stay_finite_for_any_finite_step():
+    """The exponentiated-gradient update in log space: exp(step * loss) alone overflows (inf / inf = NaN) from
+    step * loss > 709; a batch whose losses are not finite has NaN weights (its step stops or is skipped) and leaves
+    the domain weights as they were."""
+    names = ["a", "b", "c"]
+    for step in (0.0, 0.3, 1e3, 1e6, 1e300, 1.7e308):
+        groups = robust.GroupWeights(list(names), torch.full((3,), 1 / 3, dtype=torch.float64))
+        for losses in ([0.7, 0.69, 0.0], [0.5, 2.0, 1e-3], [1e30, 0.0, 5.0]):
+            groups.update(torch.tensor(losses, dtype=torch.float64), step)
+            assert torch.isfinite(groups.weights).all() and abs(groups.weights.sum().item() - 1) < 1e-12, step
+    groups = robust.GroupWeights(list(names), torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    groups.update(torch.tensor([0.5, 2.0, 1e-3], dtype=torch.float64), 1e6)
+    assert groups.weights.tolist() == [0.0, 1.0, 0.0]  # the worst domain takes all, as the limit of the product
+    groups.update(torch.tensor([0.5, float("nan"), 1.0], dtype=torch.float64), 1.0)
+    assert groups.weights.tolist() == [0.0, 1.0, 0.0]
+    dro = robust.DROArgs("group", 0.0, 1e6)
+    w, _ = robust.robust_prompt_weights(
+        torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]), dro, groups, ["a", "b"]
+    )
+    assert w.isnan().all() and groups.weights.tolist() == [0.0, 1.0, 0.0]
+    w, _ = robust.robust_prompt_weights(torch.tensor([1.0, float("inf")]), torch.tensor([0, 1]), robust.DROArgs())
+    assert w.isnan().all()  # (robust_weights itself refuses them)
+
+
+def test_an_extreme_group_step_trains(tmp_path):
+    out = tmp_path / "run"
+    proc = script(
+        "dro_reward.py", "--dro.kind", "group", "--dro.group-step", "1e6", "--output-dir", str(out), *FLAGS.split()
+    )
+    assert proc.returncode == 0 and (out / "model").exists(), proc.stderr[-2000:]
+
+
+# 14: the console's table says which mean is metrics.jsonl's
+
+
+def test_the_console_table_prints_metrics_accuracy_labelled_apart_from_the_domain_mean(capsys):
+    report = common.domain_report([1, 1, 1, 0], ["a", "a", "a", "b"])  # 75% of rows, domains 100% and 0%
+    common.print_table({"test": report})
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[-5:] == ["domain", "mean", "all", "rows", "worst"]
+    assert line.split() == ["test", "100.0", "0.0", "50.0", "75.0", "0.0"] and report["accuracy"] == 0.75
