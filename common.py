@@ -165,21 +165,22 @@ def group_preferences(n: int, mixture: dict, seed: int) -> list:
     return rows
 
 
-# The third, `synthetic-samples`, is the reward model's data of InstructGPT's recipe on the same task: pairs of two
-# responses *like a policy's samples* (the ideal answer under 0 to 3 random edits, for sums any nearby number or a
-# few letters), ordered by the gold reward, with the marker on the preferred one as in `synthetic`. The pairs of
-# `synthetic` (the ideal answer against a one- or two-letter corruption) leave the reward model blind to what a
-# policy samples off that path, and PPO climbs exactly there (docs/results.md, "The full pipeline").
+# The third, `synthetic-samples`, is the reward model's data of InstructGPT's recipe on the same task: each prompt's
+# ideal answer (half the time) or a response like a policy's samples (the ideal answer under 0 to 3 random edits or
+# shuffled, another task's answer to the same argument; for sums any nearby number) against another such sample of
+# lower gold reward, with the marker on the preferred one as in `synthetic`. The pairs of `synthetic` (the ideal
+# answer against a one- or two-letter corruption) leave the reward model blind to what a policy samples off that
+# path, and PPO climbs exactly there (docs/results.md, "The full pipeline").
 def _sampled_response(domain: str, arg: str, ideal: str, rng: random.Random) -> str:
+    roll = rng.random()
+    if roll < 0.15:  # another task's answer to the same argument (a copy where a reversal was asked...)
+        return rng.choice([arg, "no", "".join(rng.choice(_LETTERS) for _ in range(rng.randint(1, 4)))] + [arg[::-1]])
+    if roll < 0.4 and domain != "reasoning":  # the right letters in another order: only the order tells them apart
+        return "".join(rng.sample(ideal, len(ideal)))
     if domain == "reasoning":
-        roll = rng.random()
-        if roll < 0.6:
-            return str(max(0, int(ideal) + rng.randint(-4, 4)))
-        if roll < 0.8:
-            return str(rng.randint(0, 99))
-        return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(1, 3)))
-    chars = list(ideal if domain != "safety" or rng.random() < 0.7 else rng.choice(["no", arg]))
-    for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
+        return str(max(0, int(ideal) + rng.randint(-4, 4))) if rng.random() < 0.8 else str(rng.randint(0, 99))
+    chars = list(ideal)
+    for _ in range(rng.choice([0, 1, 1, 2, 3])):
         edit, i = rng.random(), rng.randrange(len(chars) + 1)
         if edit < 0.5 and i < len(chars):
             chars[i] = rng.choice(_LETTERS)
@@ -192,14 +193,15 @@ def _sampled_response(domain: str, arg: str, ideal: str, rng: random.Random) -> 
 
 def sampled_preferences(n: int, mixture: dict, seed: int) -> list:
     """`n` rows {prompt, chosen, rejected, domain} of synthetic-samples: the prompts of `synthetic_preferences`, each
-    with two policy-like responses of different gold reward, the better one chosen."""
+    with the ideal answer or a policy-like sample against a policy-like sample of lower gold reward."""
     rng = random.Random(seed + 1_000)
     rows = []
     for row in synthetic_preferences(n, mixture, seed):
         domain, arg = _parse_prompt(row["prompt"])
         ideal = _ideal_response(domain, arg)
         while True:
-            a, b = (_sampled_response(domain, arg, ideal, rng) for _ in range(2))
+            a = ideal if rng.random() < 0.5 else _sampled_response(domain, arg, ideal, rng)
+            b = _sampled_response(domain, arg, ideal, rng)
             gold_a, gold_b = (synthetic_gold_reward(row["prompt"], r) for r in (a, b))
             if gold_a != gold_b:
                 break

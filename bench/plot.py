@@ -9,6 +9,8 @@
    (does robust training learn the worst domain faster, or end somewhere else?), mean ± std over seeds.
 3. groups_refusals.png: on --dataset synthetic-groups, the minority group's gold reward against PPO iterations for
    plain PPO and each --weights-from estimator above the radius where theory says robust PPO must hedge.
+4. overoptimisation.png: the full pipeline, gold reward against KL to the reference along PPO on a learned reward
+   model (ERM or robust), plain against robust PPO (compare them at matched KL, not only at matched iterations).
 
 Only the runs present are drawn; a setting needs at least one seed. Needs matplotlib (requirements-bench.txt).
 """
@@ -145,6 +147,38 @@ def groups_refusals(runs_dir: str, split: str, out: str, rho: str = "2"):
     print(f"wrote {out}")
 
 
+def overoptimisation(runs_dir: str, split: str, out: str):
+    """The full pipeline (Gao et al. 2022's view): gold reward of sampled responses against their KL to the reference
+    along PPO on a learned reward model, plain and robust PPO, one panel per reward model (ERM, robust) and per
+    metric (mean and worst domain); each point one evaluation, mean over seeds (runs of bench/sweep.py --tag
+    pipeline_rm-<kind>)."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for col, (rm, rm_label) in enumerate((("erm", "ERM reward model"), ("chi2", "robust reward model (chi2 0.5)"))):
+        runs = load_runs(os.path.join(runs_dir, f"sweep_dro_ppo_pipeline_rm-{rm}"), 60, split)
+        for row, (key, what) in enumerate((("gold_reward", "mean"), ("worst_domain_gold_reward", "worst-domain"))):
+            ax = axes[row][col]
+            for setting, name, color in (("erm:0", "plain PPO", "tab:gray"), ("chi2:2", "robust PPO", "tab:green")):
+                if setting not in runs:
+                    continue
+                xs = sorted(set.intersection(*(set(curve) for curve in runs[setting])))
+                kl = [statistics.mean(c[x]["kl"] for c in runs[setting]) for x in xs]
+                gold = [statistics.mean(100 * c[x][key] for c in runs[setting]) for x in xs]
+                ax.plot(kl, gold, marker="o", color=color, label=f"{name} ({len(runs[setting])} seeds)")
+                for x, k, g in zip(xs, kl, gold):
+                    if x in (xs[0], xs[-1]):
+                        ax.annotate(str(x), (k, g), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_title(f"{rm_label}: {what} gold, {split}", fontsize=10)
+            ax.set_xlabel("KL to the reference (per response)")
+            ax.set_ylabel(f"{what} gold reward (x 100)")
+            if ax.lines:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "no runs", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="the folder bench/sweep.py writes to")
@@ -155,3 +189,4 @@ if __name__ == "__main__":
     ood_domains(a.runs, a.split, os.path.join(a.out, "ood_domains.png"))
     worst_vs_steps(a.runs, a.split, os.path.join(a.out, "worst_vs_steps.png"))
     groups_refusals(a.runs, a.split, os.path.join(a.out, "groups_refusals.png"))
+    overoptimisation(a.runs, a.split, os.path.join(a.out, "overoptimisation.png"))

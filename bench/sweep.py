@@ -30,7 +30,7 @@ def run_folder(folder, kind, rho, seed, steps):
     return old if os.path.exists(os.path.join(old, "args.json")) else new
 
 
-def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag=""):
+def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag="", keep_model=False):
     folder = f"sweep_{os.path.basename(script)[:-3]}" + (f"_{tag}" if tag else "")
     out = run_folder(folder, kind, rho, seed, steps)
     if not os.path.exists(os.path.join(out, "args.json")):
@@ -47,9 +47,9 @@ def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag="
             str(steps),
             "--output-dir",
             out,
-            "--no-save-model",
+            *([] if keep_model else ["--no-save-model"]),
             "--overwrite",
-            *extra,
+            *(flag.replace("{seed}", str(seed)) for flag in extra),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -77,12 +77,17 @@ if __name__ == "__main__":
     p.add_argument("--metric", default="accuracy")
     p.add_argument("--splits", nargs="+", default=["validation", "test_uniform"])
     p.add_argument("--tag", default="", help="suffix of the runs folder: give one per set of --extra flags")
+    p.add_argument("--keep-models", action="store_true", help="save each run's model (e.g. reward models for PPO)")
     p.add_argument("--scalar", default="", help="also print the mean over training of this TensorBoard scalar")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the script")
+    p.add_argument(
+        "--extra", nargs=argparse.REMAINDER, default=[], help="more flags for the script; {seed} becomes the run's seed"
+    )
     a = p.parse_args()
     jobs = [(s.split(":")[0], s.split(":")[1], seed) for s in a.settings for seed in a.seeds]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda j: run(*j, a.steps, a.script, a.extra, a.steps_flag, a.tag), jobs))
+        results = list(
+            pool.map(lambda j: run(*j, a.steps, a.script, a.extra, a.steps_flag, a.tag, a.keep_models), jobs)
+        )
     m = a.metric
     for split in a.splits:
         domains = sorted(results[0][split][f"domain_{m}"])
