@@ -18,21 +18,23 @@ by the mean of the prompt's *other* rollouts: the realised returns of the very r
 see what the prompt does not show. docs/results.md has what each measured and how the default was chosen.
 Which losses are weighted: only the policy surrogate. Each rollout's clipped PPO surrogate is summed over its
 response tokens and divided by the constant --max-new-tokens (a per-rollout token mean would favour short
-responses), and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts): each rollout gets q_i / K. The
-value loss stays a plain mean over all response tokens (it fits V^pi, which does not depend on q). rho = 0 (or
---dro.kind erm) gives uniform weights: exactly plain PPO. Minibatches draw rollouts of the batch at random; their
-weights are scaled by N/M (rollouts per batch / per minibatch), so the expected minibatch loss is the full-batch
-robust loss. The advantages come from GAE on a learned critic (default), or with --baseline rloo from each
-rollout's KL-regularised return minus the mean return of its prompt's other K - 1 samples (no value model and no
-value loss: K samples per prompt stand in for the value head), whitened alike. Under torchrun each process generates
-for its share of the rollout prompts; the worst case (the returns are all-gathered) and the advantage whitening are
-over the global rollout batch.
+responses), and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts): each rollout gets q_i / K. With
+--baseline critic a value loss is added, a plain mean over all response tokens (it fits V^pi, which does not depend
+on q). rho = 0 (or
+--dro.kind erm) gives uniform weights: exactly plain PPO (plain RLOO with the default baseline). Minibatches draw
+rollouts of the batch at random; their weights are scaled by N/M (rollouts per batch / per minibatch), so the
+expected minibatch loss is the full-batch robust loss. The advantages (whitened) are by default each rollout's
+KL-regularised return minus the mean return of its prompt's other K - 1 samples (RLOO's leave-one-out baseline: K
+samples per prompt stand in for a value model), or with --baseline critic GAE on a learned critic (PPO's): on the
+embedded task the critic's baseline kept PPO from improving even the gold reward (docs/results.md). Under torchrun
+each process generates for its share of the rollout prompts; the worst case (the returns are all-gathered) and the
+advantage whitening are over the global rollout batch.
 
 The tiny default model is first warm-started by 1000 steps of supervised fine-tuning on the
 chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that
 warm-started model is the reference policy, and the step-0 evaluation measures it.
 
-    python dro_ppo.py                                    # embedded task, gold reward, chi2 rho = 2, loo
+    python dro_ppo.py                                    # embedded task, gold reward, chi2 rho = 2, loo, RLOO
     python dro_ppo.py --dro.kind erm                     # the plain PPO baseline
     python dro_ppo.py --reward-model-path runs/<reward run>/model   # a reward model from dro_reward.py
 """
@@ -117,9 +119,9 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     """PPO value clip"""
     vf_coef: float = 0.1
     """value loss coefficient"""
-    baseline: Literal["critic", "rloo"] = "critic"
-    """advantage baseline: a learned value model with GAE (critic), or each rollout's return minus the mean return
-    of its prompt's other samples (rloo: no value model, needs --samples-per-prompt >= 2)"""
+    baseline: Literal["rloo", "critic"] = "rloo"
+    """advantage baseline: each rollout's return minus the mean return of its prompt's other samples (rloo: no value
+    model, needs --samples-per-prompt >= 2), or a learned value model with GAE (critic: PPO's; docs/results.md)"""
 
     # Optimisation
     total_steps: int = 60

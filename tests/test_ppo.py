@@ -266,10 +266,10 @@ def test_smoke_run(tmp_path):
 
 
 def test_torchrun_two_processes(tmp_path):
-    """2 processes (gloo) each roll out half of the batch; rank 0 evaluates, logs and saves (weights from V(x))."""
+    """2 processes (gloo) each roll out half of the batch; rank 0 evaluates, logs and saves (the critic's V(x))."""
     out = tmp_path / "ddp"
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
-    run_script(out, "--dro.kind", "chi2", "--weights-from", "values", launcher=torchrun)
+    run_script(out, "--dro.kind", "chi2", "--weights-from", "values", "--baseline", "critic", launcher=torchrun)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert {r["step"] for r in rows} == {0, 2} and os.path.exists(out / "model" / "config.json")
 
@@ -281,12 +281,13 @@ def test_too_long_prompt_is_an_error_naming_the_row(tmp_path):
     assert not os.path.exists(tmp_path / "model")
 
 
-def test_script_rho_zero_equals_erm(tmp_path):
-    """End to end: --dro.rho 0 trains exactly the model that plain PPO (--dro.kind erm) trains."""
+@pytest.mark.parametrize("baseline", ["rloo", "critic"])
+def test_script_rho_zero_equals_erm(tmp_path, baseline):
+    """End to end: --dro.rho 0 trains exactly the model that plain PPO (--dro.kind erm) trains, with either baseline."""
     from safetensors.torch import load_file
 
-    run_script(tmp_path / "rho0", "--dro.kind", "tv", "--dro.rho", "0", "--max-eval-rows", "4")
-    run_script(tmp_path / "erm", "--dro.kind", "erm", "--max-eval-rows", "4")
+    run_script(tmp_path / "rho0", "--dro.kind", "tv", "--dro.rho", "0", "--max-eval-rows", "4", "--baseline", baseline)
+    run_script(tmp_path / "erm", "--dro.kind", "erm", "--max-eval-rows", "4", "--baseline", baseline)
     a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("rho0", "erm"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

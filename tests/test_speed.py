@@ -36,10 +36,10 @@ def test_ppo_loss_without_values_is_the_policy_loss_alone():
 
 
 def test_script_with_rloo_baseline(tmp_path):
-    """--baseline rloo trains without a value model: no critic in the checkpointed modules, a finite policy loss,
-    value loss 0, and the usual evaluation rows."""
+    """--baseline rloo (the default) trains without a value model: no critic in the checkpointed modules, a finite
+    policy loss, value loss 0, and the usual evaluation rows."""
     out = tmp_path / "rloo"
-    proc = run_script(out, "--baseline", "rloo", "--max-eval-rows", "8", "--samples-per-prompt", "4")
+    proc = run_script(out, "--max-eval-rows", "8", "--samples-per-prompt", "4")
     assert "--baseline rloo" in proc.stdout
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert {r["step"] for r in rows} == {0, 2} and all("gold_reward" in r for r in rows)
