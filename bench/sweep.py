@@ -57,7 +57,10 @@ def run(kind, rho, seed, steps, script, extra, steps_flag="--total-steps", tag="
             raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     last = max(r["step"] for r in rows)
-    return {r["split"]: r for r in rows if r["step"] == last}
+    return {
+        **{r["split"]: r for r in rows if r["step"] == last},
+        "step 0": {r["split"]: r for r in rows if not r["step"]},
+    }
 
 
 def fmt(values, pct=100.0):
@@ -95,8 +98,17 @@ if __name__ == "__main__":
         has_kl = "kl" in results[0][split]
         print("| setting | " + " | ".join(domains) + " | mean | worst |" + (" KL to ref |" if has_kl else ""))
         print("|---" * (len(domains) + 3 + has_kl) + "|")
-        for s in a.settings:
-            rs = [r[split] for (kind, rho, _), r in zip(jobs, results) if f"{kind}:{rho}" == s]
+        rows = [(s, [r[split] for (kind, rho, _), r in zip(jobs, results) if f"{kind}:{rho}" == s]) for s in a.settings]
+        if has_kl:  # the reference policy (warm-started; the same for every setting of a seed) at step 0
+            first = a.settings[0]
+            rows.insert(
+                0,
+                (
+                    "step 0",
+                    [r["step 0"][split] for (kind, rho, _), r in zip(jobs, results) if f"{kind}:{rho}" == first],
+                ),
+            )
+        for s, rs in rows:
             cells = [fmt([r[f"domain_{m}"][d] for r in rs]) for d in domains]
             means = [statistics.mean(r[f"domain_{m}"].values()) for r in rs]
             kl = f" {fmt([r['kl'] for r in rs], pct=1.0)} |" if has_kl else ""
