@@ -147,22 +147,29 @@ def groups_refusals(runs_dir: str, split: str, out: str, rho: str = "2"):
     print(f"wrote {out}")
 
 
+def domain_mean_or(report: dict, key: str) -> float:
+    """The mean over the domains of a per-domain entry (as the tables' "mean"), or the entry itself."""
+    return statistics.mean(report[key].values()) if isinstance(report[key], dict) else report[key]
+
+
 def overoptimisation(runs_dir: str, split: str, out: str):
     """The full pipeline (Gao et al. 2022's view): gold reward of sampled responses against their KL to the reference
     along PPO on a learned reward model, plain and robust PPO, one panel per reward model (ERM, robust) and per
-    metric (mean and worst domain); each point one evaluation, mean over seeds (runs of bench/sweep.py --tag
-    pipeline_rm-<kind>)."""
+    metric (the mean over the domains, as in the tables, and the worst domain); each point one evaluation, mean over
+    seeds (runs of bench/sweep.py --tag pipeline_rm-<kind>)."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     for col, (rm, rm_label) in enumerate((("erm", "ERM reward model"), ("chi2", "robust reward model (chi2 0.5)"))):
         runs = load_runs(os.path.join(runs_dir, f"sweep_dro_ppo_pipeline_rm-{rm}"), 60, split)
-        for row, (key, what) in enumerate((("gold_reward", "mean"), ("worst_domain_gold_reward", "worst-domain"))):
+        for row, (key, what) in enumerate(
+            (("domain_gold_reward", "mean"), ("worst_domain_gold_reward", "worst-domain"))
+        ):
             ax = axes[row][col]
             for setting, name, color in (("erm:0", "plain PPO", "tab:gray"), ("chi2:2", "robust PPO", "tab:green")):
                 if setting not in runs:
                     continue
                 xs = sorted(set.intersection(*(set(curve) for curve in runs[setting])))
                 kl = [statistics.mean(c[x]["kl"] for c in runs[setting]) for x in xs]
-                gold = [statistics.mean(100 * c[x][key] for c in runs[setting]) for x in xs]
+                gold = [statistics.mean(100 * domain_mean_or(c[x], key) for c in runs[setting]) for x in xs]
                 ax.plot(kl, gold, marker="o", color=color, label=f"{name} ({len(runs[setting])} seeds)")
                 for x, k, g in zip(xs, kl, gold):
                     if x in (xs[0], xs[-1]):
