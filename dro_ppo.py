@@ -20,15 +20,14 @@ Which losses are weighted: only the policy surrogate. Each rollout's clipped PPO
 response tokens and divided by the constant --max-new-tokens (a per-rollout token mean would favour short
 responses), and the loss is sum_i q_i * (mean surrogate of prompt i's rollouts): each rollout gets q_i / K. With
 --baseline critic a value loss is added, a plain mean over all response tokens (it fits V^pi, which does not depend
-on q). rho = 0 (or
---dro.kind erm) gives uniform weights: exactly plain PPO (plain RLOO with the default baseline). Minibatches draw
-rollouts of the batch at random; their weights are scaled by N/M (rollouts per batch / per minibatch), so the
-expected minibatch loss is the full-batch robust loss. The advantages (whitened) are by default each rollout's
-KL-regularised return minus the mean return of its prompt's other K - 1 samples (RLOO's leave-one-out baseline: K
-samples per prompt stand in for a value model), or with --baseline critic GAE on a learned critic (PPO's): on the
-embedded task the critic's baseline kept PPO from improving even the gold reward (docs/results.md). Under torchrun
-each process generates for its share of the rollout prompts; the worst case (the returns are all-gathered) and the
-advantage whitening are over the global rollout batch.
+on q). rho = 0 (or --dro.kind erm) gives uniform weights: exactly plain PPO (plain RLOO with the default baseline).
+Minibatches draw rollouts of the batch at random; their weights are scaled by N/M (rollouts per batch / per
+minibatch), so the expected minibatch loss is the full-batch robust loss. The advantages (whitened) are by default
+each rollout's KL-regularised return minus the mean return of its prompt's other K - 1 samples (RLOO's
+leave-one-out baseline: K samples per prompt stand in for a value model), or with --baseline critic GAE on a learned
+critic (PPO's): on the embedded task the critic's baseline kept PPO from improving even the gold reward
+(docs/results.md). Under torchrun each process generates for its share of the rollout prompts; the worst case (the
+returns are all-gathered) and the advantage whitening are over the global rollout batch.
 
 The tiny default model is first warm-started by 1000 steps of supervised fine-tuning on the
 chosen responses of the training split (--sft-steps; off for a pretrained --model-name-or-path); that
@@ -670,9 +669,9 @@ if __name__ == "__main__":
             step,
         )
         if args.target_kl is not None:  # from the rollout batch's mean KL per response, over all processes
-            mean_kl = kl.sum(1).mean()
+            mean_kl = kl.sum(1).mean() / run.world
             if run.world > 1:
-                dist.all_reduce(mean_kl, op=dist.ReduceOp.AVG)
+                dist.all_reduce(mean_kl)  # (a sum: gloo has no average)
             kl_coef = adapted_kl_coef(
                 kl_coef, mean_kl.item(), args.target_kl, args.batch_size * args.samples_per_prompt, args.kl_horizon
             )
