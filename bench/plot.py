@@ -95,9 +95,7 @@ def ood_domains(runs_dir: str, split: str, out: str):
         ax.set_xticks(range(len(domains)), domains, fontsize=8)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, out)
 
 
 def worst_vs_steps(runs_dir: str, split: str, out: str):
@@ -117,9 +115,7 @@ def worst_vs_steps(runs_dir: str, split: str, out: str):
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no runs", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, out)
 
 
 def groups_refusals(runs_dir: str, split: str, out: str, rho: str = "2"):
@@ -137,11 +133,23 @@ def groups_refusals(runs_dir: str, split: str, out: str, rho: str = "2"):
         stats = [mean_std([100 * c[x]["domain_gold_reward"]["wants_refusal"] for c in runs]) for x in xs]
         ax.plot(xs, [m for m, _ in stats], marker="o", color=color, label=f"{label} ({len(runs)} seeds)")
         ax.fill_between(xs, [m - e for m, e in stats], [m + e for m, e in stats], alpha=0.15, color=color)
+    if not ax.lines:
+        print(f"{out}: no runs, not written")
+        return
     ax.axhline(48.0, ls="--", color="k", lw=1, label="max-min policy, population (chi2 rho >= 0.59)")
     ax.set_xlabel("PPO iteration")
     ax.set_ylabel("minority (refusal) gold reward (x 100)")
     ax.set_title(f"synthetic-groups, {split}: does robust PPO hedge?")
     ax.legend(fontsize=7)
+    save(fig, out)
+
+
+def save(fig, out: str):
+    """Write the figure, unless no panel has a run (so a partial set of runs never overwrites a figure with empty
+    panels)."""
+    if not any(ax.lines or ax.patches for ax in fig.axes):
+        print(f"{out}: no runs, not written")
+        return
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
@@ -181,9 +189,7 @@ def overoptimisation(runs_dir: str, split: str, out: str):
                 ax.legend(fontsize=8)
             else:
                 ax.text(0.5, 0.5, "no runs", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, out)
 
 
 if __name__ == "__main__":
