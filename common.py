@@ -461,7 +461,7 @@ def token_kl(model, reference, ids, mask, start: int = 1, temperature: float = 1
     for t in _time_chunks(x_all):
         x, y = x_all[:, t].float() / temperature, y_all[:, t].float() / temperature
         kl.append((x.softmax(-1) * (x - y)).sum(-1) - x.logsumexp(-1) + y.logsumexp(-1))
-    return torch.cat(kl, 1)
+    return torch.cat(kl, 1).clamp(min=0)  # (a KL is >= 0: float32 rounds it to about -1e-7 where pi = ref)
 
 
 def completion_logprobs(model, seqs, prompt_lens, pad_id: int, side: str = "right"):

@@ -239,6 +239,8 @@ def run_script(out, *flags, launcher=(sys.executable,)):
         "2",
         "--batch-size",
         "8",
+        "--max-train-rows",
+        "64",  # (tokenizing all 8000 training prompts takes longer than the run)
         "--max-eval-rows",
         "16",
         "--output-dir",

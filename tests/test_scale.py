@@ -232,7 +232,7 @@ SMALL_RUN = {
     "--learning-rate 1e-3 --warmup-steps 0",
     "dro_dpo.py": "--total-steps 3 --batch-size 16 --max-train-rows 64 --max-eval-rows 8 --eval-every 0 "
     "--eval-generations 0 --sft-steps 5 --learning-rate 1e-3 --warmup-steps 0",
-    "dro_ppo.py": "--total-steps 2 --batch-size 8 --max-eval-rows 8 --eval-every 0 --sft-steps 5",
+    "dro_ppo.py": "--total-steps 2 --batch-size 8 --max-train-rows 64 --max-eval-rows 8 --eval-every 0 --sft-steps 5",
 }
 
 
