@@ -178,14 +178,10 @@ def script_args(mode, **extra):
     )
 
 
-def trl_options(mode, device):
-    """The same options for a TRL config, and its peft_config."""
-    from peft import LoraConfig
-
-    options = dict(
-        bf16=mode == "bf16",
-        gradient_checkpointing=mode == "gc",
-        gradient_checkpointing_kwargs={"use_reentrant": False} if mode == "gc" else None,
+def trl_args(device, **overrides) -> dict:
+    """TRL trainer arguments shared by the side-by-side benchmarks: no logging, saving or workers, seed 0, a constant
+    learning rate and our gradient clipping; `overrides` set the rest."""
+    return dict(
         use_cpu=device.type == "cpu",
         logging_steps=10_000,
         save_strategy="no",
@@ -195,6 +191,19 @@ def trl_options(mode, device):
         lr_scheduler_type="constant",
         warmup_steps=0,
         max_grad_norm=MAX_GRAD_NORM,
+        **overrides,
+    )
+
+
+def trl_options(mode, device):
+    """The same options for a TRL config, and its peft_config."""
+    from peft import LoraConfig
+
+    options = trl_args(
+        device,
+        bf16=mode == "bf16",
+        gradient_checkpointing=mode == "gc",
+        gradient_checkpointing_kwargs={"use_reentrant": False} if mode == "gc" else None,
     )
     peft = (
         LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")

@@ -177,21 +177,13 @@ def trl_run(kind, a, length, device):
 
     data = pairs((a.steps + 2) * a.pairs, length)
     memory, clock = scale.Memory(device), scale.Clock(device)
-    options = dict(
+    options = scale.trl_args(
+        device,
         per_device_train_batch_size=a.pairs,
         max_steps=a.steps + 2,
         learning_rate=LR,
         max_length=None,
         bf16=a.bf16,
-        use_cpu=device.type == "cpu",
-        logging_steps=10_000,
-        save_strategy="no",
-        report_to=[],
-        dataloader_num_workers=0,
-        seed=0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=MAX_GRAD_NORM,
     )
     callbacks = [scale.trl_timing_callback(clock, memory, 1, a.steps + 1, a.steps + 2)]
     with tempfile.TemporaryDirectory() as out:
