@@ -366,11 +366,25 @@ def load_pairs(
 
 
 def end_token_id(tokenizer):
-    """EOS, or SEP for encoders: the token every rollout stops at."""
+    """EOS, or SEP for encoders: the tokenizer's own end token, the first of `end_token_ids`."""
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
     if end is None:
         raise ValueError("the tokenizer has neither an EOS nor a SEP token; generation needs an end token")
     return end
+
+
+def end_token_ids(tokenizer, model=None) -> list:
+    """The tokens a response stops at: TRL's GRPOTrainer's (the tokenizer's end token, then the model's
+    `generation_config.eos_token_id`, an id or a list: Llama-3-Instruct's end of text and `<|eot_id|>`), then the
+    token the chat template writes right after an assistant's content where that is one of the tokenizer's added
+    tokens (`<|im_end|>` for the base Qwen2.5 tokenizer, whose EOS is `<|endoftext|>`)."""
+    ids = [end_token_id(tokenizer)]
+    config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += config_ids if isinstance(config_ids, (list, tuple)) else [config_ids]
+    if getattr(tokenizer, "chat_template", None):
+        turn_end = encode(tokenizer, ingest.turn_end(tokenizer), chat=True)[:1]
+        ids += [i for i in turn_end if i in tokenizer.added_tokens_decoder]
+    return list(dict.fromkeys(i for i in ids if i is not None))  # in order, each once
 
 
 def pad(seqs, pad_id: int, side: str = "right"):
@@ -492,12 +506,19 @@ def sequence_rewards(reward_model, seqs, pad_id: int) -> torch.Tensor:
 
 
 def sampling_config(
-    tokenizer, max_new_tokens: int, temperature: float, greedy: bool = False, top_p: float = 1.0, top_k: int = 0
+    tokenizer,
+    max_new_tokens: int,
+    temperature: float,
+    greedy: bool = False,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    model=None,
 ):
     """Sampling at `temperature`, truncated to the `top_k` most likely tokens (0: all) and to the smallest set of
-    probability >= `top_p` (1.0: all), or greedy. By default no truncation, so that the log-probs computed at the same
-    temperature are those of the distribution the tokens were sampled from. With truncation they are not: the
-    scripts still compute log-probs from the full logits at the temperature, as TRL's GRPOTrainer does."""
+    probability >= `top_p` (1.0: all), or greedy, stopping at any of `end_token_ids(tokenizer, model)`. By default no
+    truncation, so that the log-probs computed at the same temperature are those of the distribution the tokens were
+    sampled from. With truncation they are not: the scripts still compute log-probs from the full logits at the
+    temperature, as TRL's GRPOTrainer does."""
     from transformers import GenerationConfig
 
     sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -505,16 +526,17 @@ def sampling_config(
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=end_token_id(tokenizer),
+        eos_token_id=end_token_ids(tokenizer, model),
         **sampling,
     )
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, pad_id: int, end_id: int, generation_config):
-    """Responses to prompts (lists of ids), cut after the first end token. Returns the prompts left-padded and the
-    responses right-padded to max_new_tokens, as `ids` and `mask` [N, P + max_new_tokens], the response tokens and
-    their mask [N, max_new_tokens], and whether each response ended with the end token."""
+def generate(model, prompt_ids, pad_id: int, end_id, generation_config):
+    """Responses to prompts (lists of ids), cut after the first end token (`end_id`: an id or a list of them, e.g.
+    `end_token_ids`). Returns the prompts left-padded and the responses right-padded to max_new_tokens, as `ids` and
+    `mask` [N, P + max_new_tokens], the response tokens and their mask [N, max_new_tokens], and whether each response
+    ended with an end token."""
     queries, query_mask = pad(prompt_ids, pad_id, side="left")
     queries, query_mask = queries.to(device_of(model)), query_mask.to(device_of(model))
     out = model.generate(
@@ -538,10 +560,10 @@ def generate(model, prompt_ids, pad_id: int, end_id: int, generation_config):
     )
 
 
-def cut_at_end(responses: torch.Tensor, end_id: int, pad_id: int):
-    """Generated tokens cut after the first end token (kept): the responses padded after it, their mask (from the
-    cut, so a sampled pad token before it stays real) and whether each one ended."""
-    is_end = responses == end_id
+def cut_at_end(responses: torch.Tensor, end_id, pad_id: int):
+    """Generated tokens cut after the first end token (kept; `end_id`: an id or a list of them): the responses padded
+    after it, their mask (from the cut, so a sampled pad token before it stays real) and whether each one ended."""
+    is_end = torch.isin(responses, torch.as_tensor(end_id, device=responses.device))
     ended = is_end.any(1)
     last = torch.where(ended, is_end.long().argmax(1), responses.shape[1] - 1)
     mask = (torch.arange(responses.shape[1], device=responses.device)[None] <= last[:, None]).long()

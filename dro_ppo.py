@@ -330,15 +330,17 @@ class Critic(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-def rollout_scores(tokenizer, reward_model, prompts, domains, chat, responses, response_mask):
+def rollout_scores(tokenizer, reward_model, prompts, domains, chat, responses, response_mask, ended=None):
     """The score of each rollout: the gold reward of the decoded response (embedded datasets) or the reward model's
     score of prompt + response encoded as its training rows were (`common.encode_pair`: the decoded response, closed
-    as a row's response is where the rollout ended), read by its own pooling (`common.sequence_rewards`)."""
+    as a row's response is where the rollout ended: `ended` from `common.generate`, or else where its last token is
+    one of `common.end_token_ids(tokenizer)`), read by its own pooling (`common.sequence_rewards`)."""
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # cut at the end token already
     if reward_model is None:
         return torch.tensor(list(map(common.synthetic_gold_reward, prompts, texts, domains)), device=responses.device)
-    n, end = response_mask.sum(1).tolist(), common.end_token_id(tokenizer)
-    ended = [k > 0 and r[k - 1] == end for r, k in zip(responses.tolist(), n)]
+    if ended is None:
+        n, end = response_mask.sum(1).tolist(), common.end_token_ids(tokenizer)
+        ended = [k > 0 and r[k - 1] in end for r, k in zip(responses.tolist(), n)]
     seqs = [
         common.encode_pair(tokenizer, p, t, c, close=None if e else "")[0]
         for p, t, c, e in zip(prompts, texts, chat, ended)
@@ -370,14 +372,14 @@ def evaluate(
     for i in range(0, len(data["ids"]), batch_size):
         prompts, prompt_ids = data["text"][i : i + batch_size], data["ids"][i : i + batch_size]
         domains = data["domain"][i : i + batch_size]
-        ids, mask, responses, response_mask, _ = common.generate(
-            policy, prompt_ids, tokenizer.pad_token_id, common.end_token_id(tokenizer), generation_config
+        ids, mask, responses, response_mask, ended = common.generate(
+            policy, prompt_ids, tokenizer.pad_token_id, common.end_token_ids(tokenizer, policy), generation_config
         )
         start = ids.shape[1] - responses.shape[1]
         # exact KL of the next-token distributions, summed over the response: the sequence KL in expectation
         kl = common.token_kl(policy, reference, ids, mask, start, temperature)
         kls += (kl * response_mask).sum(1).tolist()
-        rollouts = (prompts, domains, data["chat"][i : i + batch_size], responses, response_mask)
+        rollouts = (prompts, domains, data["chat"][i : i + batch_size], responses, response_mask, ended.tolist())
         if has_gold:
             gold += rollout_scores(tokenizer, None, *rollouts).tolist()
         if reward_model is not None:
@@ -416,7 +418,7 @@ if __name__ == "__main__":
 
     # Data: prompts (their chosen responses only for the warm start); global batches of prompts, epoch after epoch
     tokenizer = lifecycle.load_tokenizer(args)
-    pad_id, end_id = tokenizer.pad_token_id, common.end_token_id(tokenizer)
+    pad_id = tokenizer.pad_token_id
     train = load_prompts(
         args.dataset,
         args.dataset_split,
@@ -506,7 +508,9 @@ if __name__ == "__main__":
     if critic is not None:
         param_groups.append({"params": critic.parameters(), "lr": args.value_learning_rate})
     optimizer = torch.optim.AdamW(param_groups)
-    sampling = dict(top_p=args.top_p, top_k=args.top_k)
+    # rollouts stop at any end token: EOS, the model's generation_config's (e.g. <|eot_id|>), the template's turn end
+    end_ids = common.end_token_ids(tokenizer, policy)
+    sampling = dict(top_p=args.top_p, top_k=args.top_k, model=policy)
     generation_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature, **sampling)
     eval_config = common.sampling_config(
         tokenizer, args.max_new_tokens, args.temperature, greedy=args.eval_greedy, **sampling
@@ -563,7 +567,7 @@ if __name__ == "__main__":
         t0 = time.time()
         with torch.no_grad(), lifecycle.autocast(args, run.device):
             ids, mask, responses, response_mask, ended = common.generate(
-                policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
+                policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_ids, generation_config
             )
             context_len = ids.shape[1] - responses.shape[1]
             logprobs, entropy = common.token_logprobs(policy, ids, mask, context_len, args.temperature, entropy=True)
@@ -578,6 +582,7 @@ if __name__ == "__main__":
                 [train["chat"][i] for i in rollout_prompts],
                 responses,
                 response_mask,
+                ended.tolist(),
             )
             if reward_model is not None:  # relative to the prompt's chosen response (--score-baseline)
                 scores = scores - train["baseline"][rollout_prompts].to(scores.device)

@@ -57,7 +57,7 @@ def iteration(s, train, mine, args, tok, generation_config):
     """One PPO iteration of dro_ppo.py on the prompts `mine` (world size 1); returns (rollout seconds, weights
     seconds, update seconds)."""
     policy, reference, critic, optimizer = s["policy"], s["reference"], s["critic"], s["optimizer"]
-    pad_id, end_id, world = tok.pad_token_id, common.end_token_id(tok), 1
+    pad_id, end_ids, world = tok.pad_token_id, common.end_token_ids(tok, policy), 1
     rollout_prompts = [i for i in mine for _ in range(args.samples_per_prompt)]
     prompt_ids = torch.arange(len(mine), device=DEVICE).repeat_interleave(args.samples_per_prompt)
 
@@ -65,7 +65,7 @@ def iteration(s, train, mine, args, tok, generation_config):
     t0 = time.perf_counter()
     with torch.no_grad(), lifecycle.autocast(args, DEVICE):
         ids, mask, responses, response_mask, ended = common.generate(
-            policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
+            policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_ids, generation_config
         )
         context_len = ids.shape[1] - responses.shape[1]
         logprobs, entropy = common.token_logprobs(policy, ids, mask, context_len, args.temperature, entropy=True)
@@ -175,7 +175,7 @@ if __name__ == "__main__":
         top_k=0,
         top_p=1.0,
         pad_token_id=tok.pad_token_id,
-        eos_token_id=common.end_token_id(tok),
+        eos_token_id=common.end_token_ids(tok),  # (the tiny model's generation config adds none)
     )
     setups = {name: make_setup(0, tok, args) for name, args in settings.items()}
     times = {name: [] for name in settings}

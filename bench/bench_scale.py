@@ -412,11 +412,11 @@ def ppo_ours(mode, steps, prompts, device):
     base = ppo_defaults(prompts)
     args = script_args(mode, **{k: v for k, v in vars(base).items() if k not in vars(script_args(mode))})
     tok = common.tiny_tokenizer()
-    pad_id, end_id = tok.pad_token_id, common.end_token_id(tok)
+    pad_id = tok.pad_token_id
     train = dro_ppo.load_prompts("synthetic", "train", tok, args.max_prompt_length, max_rows=(steps + 2) * prompts)
     memory, clock = Memory(device), Clock(device)
     policy = new_model(tok, device)
-    n_params = sum(p.numel() for p in policy.parameters())
+    n_params, end_ids = sum(p.numel() for p in policy.parameters()), common.end_token_ids(tok, policy)
     # as dro_ppo.py builds them (without the warm start)
     critic = dro_ppo.Critic(policy).to(device)
     policy = lifecycle.prepare_model(policy, args, "CAUSAL_LM")
@@ -439,7 +439,7 @@ def ppo_ours(mode, steps, prompts, device):
         top_k=0,
         top_p=1.0,
         pad_token_id=pad_id,
-        eos_token_id=end_id,
+        eos_token_id=end_ids,
     )
     world = 1
     for step in range(-1, steps + 1):  # step -1 warms up, step `steps` measures the memory
@@ -456,7 +456,7 @@ def ppo_ours(mode, steps, prompts, device):
         with torch.no_grad(), lifecycle.autocast(args, device):
             with clock.part("generation"):
                 ids, mask, responses, response_mask, ended = common.generate(
-                    policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_id, generation_config
+                    policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_ids, generation_config
                 )
             context_len = ids.shape[1] - responses.shape[1]
             logprobs, entropy = common.token_logprobs(policy, ids, mask, context_len, args.temperature, entropy=True)

@@ -229,7 +229,7 @@ def ppo_ours(a, baseline, device):
     args = dataclasses.replace(dro_ppo.Args(), batch_size=a.ppo_prompts, baseline=baseline, bf16=a.bf16)
     n, mb_size = args.batch_size * args.samples_per_prompt, args.batch_size * args.samples_per_prompt // 2
     tok = wide_tokenizer()
-    pad_id, end_id = tok.pad_token_id, common.end_token_id(tok)
+    pad_id = tok.pad_token_id
     train = dro_ppo.load_prompts("synthetic", "train", tok, 64, max_rows=(a.steps + 2) * a.ppo_prompts)
     memory, clock = scale.Memory(device), scale.Clock(device)
     policy = new_model("causal", a.size, device)
@@ -237,7 +237,8 @@ def ppo_ours(a, baseline, device):
     reference = lifecycle.reference_policy(policy, args)
     models = [m for m in (policy, critic) if m is not None]
     optimizer = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=args.learning_rate)
-    config = common.sampling_config(tok, args.max_new_tokens, args.temperature)
+    end_ids = common.end_token_ids(tok, policy)
+    config = common.sampling_config(tok, args.max_new_tokens, args.temperature, model=policy)
     for step in range(-1, a.steps + 1):
         if step == 0:
             clock.timing, start = True, clock.now()
@@ -249,7 +250,7 @@ def ppo_ours(a, baseline, device):
         rollout = [i for i in mine for _ in range(args.samples_per_prompt)]
         with torch.no_grad(), lifecycle.autocast(args, device):
             ids, mask, responses, response_mask, ended = common.generate(
-                policy, [train["ids"][i] for i in rollout], pad_id, end_id, config
+                policy, [train["ids"][i] for i in rollout], pad_id, end_ids, config
             )
             c = ids.shape[1] - responses.shape[1]
             logprobs = common.token_logprobs(policy, ids, mask, c, args.temperature)

@@ -30,13 +30,14 @@ import dro_ppo  # noqa: E402
 def samples(policy, tokenizer, data, reward_model, k, max_new_tokens, seed):
     """k sampled responses per prompt: (prompt index, text, gold, reward-model score)."""
     torch.manual_seed(seed)
-    config = common.sampling_config(tokenizer, max_new_tokens, 1.0)
+    config = common.sampling_config(tokenizer, max_new_tokens, 1.0, model=policy)
+    end_ids = common.end_token_ids(tokenizer, policy)
     out = []
     for _ in range(k):
         for i in range(0, len(data["ids"]), 200):
             idx = list(range(i, min(i + 200, len(data["ids"]))))
-            _, _, responses, response_mask, _ = common.generate(
-                policy, [data["ids"][j] for j in idx], tokenizer.pad_token_id, common.end_token_id(tokenizer), config
+            _, _, responses, response_mask, ended = common.generate(
+                policy, [data["ids"][j] for j in idx], tokenizer.pad_token_id, end_ids, config
             )
             rollouts = (
                 [data["text"][j] for j in idx],
@@ -44,6 +45,7 @@ def samples(policy, tokenizer, data, reward_model, k, max_new_tokens, seed):
                 [data["chat"][j] for j in idx],
                 responses,
                 response_mask,
+                ended.tolist(),
             )
             gold = dro_ppo.rollout_scores(tokenizer, None, *rollouts).tolist()
             rm = (dro_ppo.rollout_scores(tokenizer, reward_model, *rollouts) - data["baseline"][idx]).tolist()

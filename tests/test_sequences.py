@@ -3,10 +3,27 @@ readout, generation with the end-token cut, the k3 KL, end tokens of templates, 
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+import torch.nn.functional as F
+from test_compat import CHATML, situation
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GenerationConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 import common
+import dro_ppo
 import ingest
+
+LLAMA3_TEMPLATE = (  # Llama-3-Instruct's template: every turn, the assistant's too, ends with <|eot_id|>
+    "{% for m in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +102,109 @@ def test_cut_at_end():
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert ended.tolist() == [True, True, False, True]
     assert cut.tolist()[0] == [5, 6, 1, 0, 0] and cut.tolist()[2] == [5, 0, 6, 7, 8]  # a sampled pad token stays real
+
+
+def test_cut_at_any_of_several_end_tokens():
+    responses = torch.tensor([[5, 7, 1, 8], [5, 1, 7, 8], [5, 6, 6, 6]])
+    cut, mask, ended = common.cut_at_end(responses, end_id=[1, 7], pad_id=0)
+    assert cut.tolist() == [[5, 7, 0, 0], [5, 1, 0, 0], [5, 6, 6, 6]] and ended.tolist() == [True, True, False]
+
+
+def llama3_tokenizer():
+    """A Llama-3-style tokenizer built offline: byte-level BPE, BOS added by the tokenizer, EOS <|end_of_text|>, turns
+    ended by <|eot_id|> in Llama-3's chat template, pad = EOS (as the scripts set it for Llama-3)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"])
+    bpe.add_special_tokens(["<|eot_id|>"])
+    bos = ("<|begin_of_text|>", bpe.token_to_id("<|begin_of_text|>"))
+    bpe.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[bos]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=bos[0], eos_token="<|end_of_text|>", pad_token="<|end_of_text|>"
+    )
+    tok.chat_template = LLAMA3_TEMPLATE
+    return tok
+
+
+def scripted_llama(tok, word: int, eot: int, num_labels=None):
+    """A tiny Llama whose generation_config.eos_token_id is a list, as Llama-3-Instruct's is; as a causal LM its
+    logits are replaced by a script (after `word` comes `eot`, after any other token `word`): one word, then the turn
+    ends, whatever the random weights."""
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, eot],
+        pad_token_id=tok.pad_token_id,
+        num_labels=num_labels or 2,
+    )
+    torch.manual_seed(0)
+    if num_labels:
+        return AutoModelForSequenceClassification.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    script = torch.full((len(tok),), word)
+    script[word] = eot
+
+    def replace_logits(module, args, kwargs, out):
+        last = kwargs["input_ids"][:, -out.logits.shape[1] :]
+        out.logits = 30.0 * F.one_hot(script[last], len(tok)).to(out.logits.dtype)
+        return out
+
+    model.register_forward_hook(replace_logits, with_kwargs=True)
+    return model
+
+
+def test_end_tokens_are_trls_and_the_templates():
+    """EOS (or SEP), the model's generation_config.eos_token_id (an id or a list) and the template's end of turn
+    where that is an added token; a tokenizer with EOS only (the embedded default) keeps its one end token."""
+    byt5 = common.tiny_tokenizer()
+    assert common.end_token_ids(byt5, AutoModelForCausalLM.from_config(common.tiny_config(byt5))) == [byt5.eos_token_id]
+    assert common.sampling_config(byt5, 4, 1.0).eos_token_id == [byt5.eos_token_id]
+    llama3 = llama3_tokenizer()
+    end, eot = llama3.eos_token_id, llama3.convert_tokens_to_ids("<|eot_id|>")
+    model = scripted_llama(llama3, 5, eot)
+    assert model.generation_config.eos_token_id == [end, eot]
+    assert common.end_token_ids(llama3, model) == common.end_token_ids(llama3) == [end, eot]  # (the template's too)
+    llama3.chat_template = None  # a base model's tokenizer: the generation config still ends turns at <|eot_id|>
+    assert common.end_token_ids(llama3) == [end] and common.end_token_ids(llama3, model) == [end, eot]
+    base = situation("no_pad")  # EOS <|eos|>; a ChatML template ends turns with <|im_end|>, as for base Qwen2.5
+    base.chat_template = CHATML
+    assert common.end_token_ids(base) == [base.eos_token_id, base.convert_tokens_to_ids("<|im_end|>")]
+    instruct = situation("chat_template_eos_turns")  # <|im_end|> is EOS
+    assert common.end_token_ids(instruct) == [instruct.eos_token_id]
+
+
+def test_rollouts_end_at_eot_id_llama3_style():
+    """Llama-3: generation stops at <|eot_id|>, though EOS is <|end_of_text|>; the rollout counts as ended (no
+    --missing-eos-penalty) and the reward model scores it closed with the template's turn end, as its rows; a rollout
+    cut by --max-new-tokens is not ended and is scored unclosed."""
+    tok = llama3_tokenizer()
+    word, eot = tok.convert_tokens_to_ids("x"), tok.convert_tokens_to_ids("<|eot_id|>")
+    policy, rm = scripted_llama(tok, word, eot), scripted_llama(tok, word, eot, num_labels=1)
+    prompt = ingest.render([{"role": "user", "content": "hi"}], tok, add_generation_prompt=True)
+    prompt_ids = [common.encode_prompt(tok, prompt, chat=True)] * 2
+    end_ids = common.end_token_ids(tok, policy)
+    for max_new_tokens, response, ended in ((6, [word, eot], True), (1, [word], False)):
+        config = common.sampling_config(tok, max_new_tokens, 1.0, model=policy)  # sampled (the script is certain)
+        _, _, responses, mask, is_ended = common.generate(policy, prompt_ids, tok.pad_token_id, end_ids, config)
+        padding = [tok.pad_token_id] * (max_new_tokens - len(response))
+        assert responses.tolist() == [response + padding] * 2 and mask.sum(1).tolist() == [len(response)] * 2
+        assert is_ended.tolist() == [ended] * 2
+        assert (dro_ppo.Args().missing_eos_penalty * (~is_ended).float()).tolist() == [0.0 if ended else 1.0] * 2
+        row = common.encode_pair(tok, prompt, "x", chat=True, close=None if ended else "")[0]
+        assert tok.decode(row).endswith("x<|eot_id|>" if ended else "x")
+        expected = common.sequence_rewards(rm, [row] * 2, tok.pad_token_id)
+        with torch.no_grad():
+            for given in (is_ended.tolist(), None):  # from generate, or read from the last token
+                scores = dro_ppo.rollout_scores(tok, rm, [prompt] * 2, None, [True] * 2, responses, mask, given)
+                torch.testing.assert_close(scores, expected)
 
 
 def test_generate_left_pads_prompts_and_cuts_responses(tok):
