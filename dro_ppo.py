@@ -314,11 +314,14 @@ def ppo_loss(
 
 
 class Critic(nn.Module):
-    """Value model: a copy of the policy's transformer with a scalar head, one value per token."""
+    """Value model: the policy's transformer with a scalar head, one value per token. A copy of the transformer, or
+    with shared=True (LoRA, built before the adapters are added) a second module tree over the very same weight
+    tensors: the frozen base is held once, and the critic trains only its own adapter and head."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, shared=False):
         super().__init__()
-        self.backbone = copy.deepcopy(policy.base_model)
+        same = {id(p): p for p in policy.base_model.parameters()} if shared else {}  # deepcopy's memo: kept as they are
+        self.backbone = copy.deepcopy(policy.base_model, same)
         self.head = nn.Linear(policy.config.get_text_config().hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -487,7 +490,9 @@ if __name__ == "__main__":
             run.world,
             run.tracker,
         )
-    critic = Critic(policy).to(run.device) if args.baseline == "critic" else None  # none for --baseline rloo
+    critic = None  # --baseline rloo; with LoRA the critic's frozen weights are the policy's (held once)
+    if args.baseline == "critic":
+        critic = Critic(policy, shared=args.lora_r > 0).to(run.device)
     policy = lifecycle.prepare_model(policy, args, "CAUSAL_LM")  # gradient checkpointing, LoRA
     if critic is not None:
         critic.backbone = lifecycle.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")  # its own adapter
@@ -506,7 +511,8 @@ if __name__ == "__main__":
                 data["baseline"] = score_baselines(reward_model, data, pad_id, args.score_baseline)
     param_groups = [{"params": policy.parameters(), "lr": args.learning_rate}]
     if critic is not None:
-        param_groups.append({"params": critic.parameters(), "lr": args.value_learning_rate})
+        trained = [p for p in critic.parameters() if p.requires_grad]  # (with LoRA its frozen ones are the policy's)
+        param_groups.append({"params": trained, "lr": args.value_learning_rate})
     optimizer = torch.optim.AdamW(param_groups)
     # rollouts stop at any end token: EOS, the model's generation_config's (e.g. <|eot_id|>), the template's turn end
     end_ids = common.end_token_ids(tokenizer, policy)

@@ -16,10 +16,11 @@ TRL: DPOTrainer with the same options (bf16=True / gradient_checkpointing=True /
 ref_model=None; for the full-model modes a frozen copy as ref_model, as TRL only runs offline with one).
 (b) PPO: ours = one iteration of dro_ppo.py's loop (as in bench/bench_ppo.py, plus the train()/eval() switches
 that turn gradient checkpointing on for the PPO epochs) at --ppo-prompts prompts x 2 samples, 8 new tokens,
-4 epochs x 2 minibatches, the gold reward, the critic a copy of the policy's transformer (its own adapter with
-LoRA). TRL has no PPOTrainer any more (1.16); its GRPOTrainer runs with a plain Python reward function (the same
-gold reward), the same prompts, 2 generations per prompt, 8 new tokens, num_iterations=4 (epochs) x 2 optimizer
-steps per generation batch, beta 0.05 (reference forward), no critic: a different algorithm with the same shape.
+4 epochs x 2 minibatches, the gold reward, the critic a copy of the policy's transformer (with LoRA its own
+adapter over the policy's frozen weights). TRL has no PPOTrainer any more (1.16); its GRPOTrainer runs with a plain
+Python reward function (the same gold reward), the same prompts, 2 generations per prompt, 8 new tokens,
+num_iterations=4 (epochs) x 2 optimizer steps per generation batch, beta 0.05 (reference forward), no critic: a
+different algorithm with the same shape.
 
 Each measurement runs in a fresh subprocess; ours and TRL alternate, --rounds rounds; medians are reported.
 Timing starts after one warm-up step (DPO) or iteration (PPO) and runs to the end of the last, including data
@@ -418,7 +419,7 @@ def ppo_ours(mode, steps, prompts, device):
     policy = new_model(tok, device)
     n_params, end_ids = sum(p.numel() for p in policy.parameters()), common.end_token_ids(tok, policy)
     # as dro_ppo.py builds them (without the warm start)
-    critic = dro_ppo.Critic(policy).to(device)
+    critic = dro_ppo.Critic(policy, shared=args.lora_r > 0).to(device)
     policy = lifecycle.prepare_model(policy, args, "CAUSAL_LM")
     critic.backbone = lifecycle.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")
     for model in (policy, critic):
@@ -429,7 +430,7 @@ def ppo_ours(mode, steps, prompts, device):
     optimizer = torch.optim.AdamW(
         [
             {"params": policy.parameters(), "lr": args.learning_rate},
-            {"params": critic.parameters(), "lr": args.value_learning_rate},
+            {"params": [p for p in critic.parameters() if p.requires_grad], "lr": args.value_learning_rate},
         ]
     )
     generation_config = GenerationConfig(

@@ -54,7 +54,7 @@ def build(script, args, config):
     auto = AutoModelForSequenceClassification if script == "reward" else AutoModelForCausalLM
     model = auto.from_config(config)
     model.config.pad_token_id = 0
-    critic = dro_ppo.Critic(model) if script == "ppo" else None
+    critic = dro_ppo.Critic(model, shared=args.lora_r > 0) if script == "ppo" else None
     model = lifecycle.prepare_model(model, args, "SEQ_CLS" if script == "reward" else "CAUSAL_LM")
     trained = [model]
     if critic is not None:
@@ -83,7 +83,7 @@ def rule(mode, frozen, trained, reference):
     """Bytes held: 4 (weights) + 4 (gradients) + 8 (AdamW's two moments) per trained parameter, 4 per frozen one
     (2 when LoRA's frozen weights are stored in bf16 with --bf16), and the reference: a frozen fp32 copy of the
     policy (none with LoRA: the policy with its adapter off). PPO's critic is a second model: trained in full, or
-    with LoRA a frozen copy of the policy's transformer with its own adapter and head."""
+    with LoRA its own adapter and head over the policy's frozen weights (held once, counted once)."""
     frozen_bytes = 2 if MODES[mode]["lora_r"] and MODES[mode]["bf16"] else 4
     return 16 * trained + frozen_bytes * frozen + 4 * reference
 
@@ -92,7 +92,7 @@ def counts(config, script, mode):
     """(frozen, trained, reference) parameter counts of `script`'s models in `mode`, built on the meta device."""
     with torch.device("meta"):
         models, reference = build(script, args_of(mode), config)
-    params = [p for m in models for p in m.parameters()]
+    params = list({id(p): p for m in models for p in m.parameters()}.values())  # (LoRA's critic shares the frozen)
     trained = sum(p.numel() for p in params if p.requires_grad)
     copy = sum(p.numel() for p in reference.parameters()) if isinstance(reference, torch.nn.Module) else 0
     return sum(p.numel() for p in params) - trained, trained, copy
@@ -109,7 +109,7 @@ def main():
             args = args_of(mode)
             config = common.tiny_config(tok, num_labels=1 if script == "reward" else None)
             trained, reference = build(script, args, config)
-            optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=1e-4)
+            optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters() if p.requires_grad], lr=1e-4)
             ids = torch.randint(3, 200, (4, 16))
             with lifecycle.autocast(args, torch.device("cpu")):
                 loss = sum(

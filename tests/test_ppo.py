@@ -267,11 +267,13 @@ def test_smoke_run(tmp_path):
     assert "gold_reward, after 2 PPO iterations" in proc.stdout
 
 
-def test_torchrun_two_processes(tmp_path):
-    """2 processes (gloo) each roll out half of the batch; rank 0 evaluates, logs and saves (the critic's V(x))."""
+@pytest.mark.parametrize("savers", [[], ["--lora-r", "4", "--gradient-checkpointing"]], ids=["full", "lora"])
+def test_torchrun_two_processes(tmp_path, savers):
+    """2 processes (gloo) each roll out half of the batch; rank 0 evaluates, logs and saves (the critic's V(x); with
+    LoRA the policy and the critic are two DDP models over the same frozen weights)."""
     out = tmp_path / "ddp"
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
-    flags = ("--dro.kind", "chi2", "--weights-from", "values", "--baseline", "critic", "--target-kl", "1.0")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")  # a free port
+    flags = ("--dro.kind", "chi2", "--weights-from", "values", "--baseline", "critic", "--target-kl", "1.0", *savers)
     run_script(out, *flags, launcher=torchrun)  # (the adaptive KL reduces the batch's KL over the processes)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert {r["step"] for r in rows} == {0, 2} and os.path.exists(out / "model" / "config.json")

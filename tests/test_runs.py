@@ -94,10 +94,10 @@ def weights(out):
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-def kill_after_checkpoint(script, out, sig, step=3):
+def kill_after_checkpoint(script, out, sig, step=3, flags=()):
     """Start a run and send it `sig` once the checkpoint of `step` exists (before the run ends)."""
     proc = subprocess.Popen(
-        command(script, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        command(script, out, *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
     )
     deadline = time.time() + 240
     while not os.path.exists(out / "checkpoints" / f"step-{step:08d}" / "COMPLETE") and time.time() < deadline:
@@ -109,12 +109,15 @@ def kill_after_checkpoint(script, out, sig, step=3):
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("script", list(SMALL))
-def test_killed_and_resumed_equals_uninterrupted(tmp_path, script):
-    run(script, tmp_path / "whole")
-    code, _ = kill_after_checkpoint(script, tmp_path / "killed", signal.SIGKILL)
+@pytest.mark.parametrize("case", [*SMALL, "dro_ppo.py --baseline critic --lora-r 4"])
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, case):
+    """The metrics and weights of the uninterrupted run (PPO with LoRA and the critic too: two adapters over one
+    frozen base, whose tensors the checkpoint holds once)."""
+    script, *flags = case.split()
+    run(script, tmp_path / "whole", *flags)
+    code, _ = kill_after_checkpoint(script, tmp_path / "killed", signal.SIGKILL, flags=flags)
     assert code == -signal.SIGKILL
-    run(script, tmp_path / "killed", "--resume")
+    run(script, tmp_path / "killed", *flags, "--resume")
     assert metrics(tmp_path / "killed") == metrics(tmp_path / "whole")
     a, b = weights(tmp_path / "killed"), weights(tmp_path / "whole")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -146,6 +146,69 @@ def test_lora_reference_is_the_base_model_exactly():
     assert trained and all("lora_" in n for n in trained)
 
 
+def lora_policy_and_critic(shared, **flags):
+    """PPO's LoRA models as dro_ppo.py builds them: (policy, critic, reference), adapters and head made non-zero."""
+    args = options(lora_r=4, **flags)
+    tok, policy = tiny()
+    critic = dro_ppo.Critic(policy, shared=shared)
+    torch.manual_seed(0)
+    policy = lifecycle.prepare_model(policy, args, "CAUSAL_LM")
+    critic.backbone = lifecycle.prepare_model(critic.backbone, args, "FEATURE_EXTRACTION")
+    randomise_adapter(policy, seed=1)
+    randomise_adapter(critic, seed=2)
+    torch.nn.init.normal_(critic.head.weight, std=0.1)
+    return tok, policy, critic, lifecycle.reference_policy(policy, args)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_critic_holds_no_second_frozen_base(tmp_path, bf16):
+    """With LoRA the critic's frozen weights are the policy's own tensors (each held once; the copy held them twice),
+    sharing changes no output (the policy's, the reference's and the critic's values equal the copy's), and the
+    saved adapter is the policy's alone."""
+    frozen_storages = {}
+    for shared in (False, True):
+        tok, policy, critic, reference = lora_policy_and_critic(shared, bf16=bf16)
+        frozen = [p for m in (policy, critic) for p in m.parameters() if not p.requires_grad]
+        frozen_storages[shared] = {p.untyped_storage().data_ptr() for p in frozen}
+        assert all(p.dtype == (torch.bfloat16 if bf16 else torch.float32) for p in frozen)
+        _, ids, mask = batch(tok)
+        with torch.no_grad(), lifecycle.autocast(options(bf16=bf16), torch.device("cpu")):
+            outputs = [common.token_logprobs(m, ids, mask) for m in (policy, reference)] + [critic(ids, mask)]
+        if not shared:
+            copied = outputs
+    policy_frozen = {p.untyped_storage().data_ptr() for p in policy.parameters() if not p.requires_grad}
+    assert frozen_storages[True] == policy_frozen
+    assert len(frozen_storages[False]) == 2 * len(policy_frozen)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, copied))
+    lifecycle.save_run(str(tmp_path), options(lora_r=4, model_name_or_path="base"), policy, tok, 1)
+    saved = load_file(str(tmp_path / "model" / "adapter_model.safetensors"))
+    assert len(saved) == sum(p.requires_grad for p in policy.parameters())
+    assert all(torch.equal(saved[k], policy.state_dict()[k.replace(".weight", ".default.weight")]) for k in saved)
+
+
+def test_lora_critic_and_policy_updates_stay_apart():
+    """One frozen base, two adapters: a value loss's backward reaches only the critic's adapter and head, a policy
+    loss's only the policy's adapter (in train() with gradient checkpointing, which recomputes in the backward)."""
+    tok, policy, critic, reference = lora_policy_and_critic(True, gradient_checkpointing=True)
+    _, ids, mask = batch(tok)
+    policy.train(), critic.train()
+    policy_adapter = [p for p in policy.parameters() if p.requires_grad]
+    critic_trained = [p for p in critic.parameters() if p.requires_grad]
+    assert not {id(p) for p in policy_adapter} & {id(p) for p in critic_trained}
+    critic(ids, mask).pow(2).sum().backward()
+    assert all(p.grad is None for p in policy.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in critic_trained)
+    critic.zero_grad(set_to_none=True)
+    common.token_logprobs(policy, ids, mask).sum().backward()
+    assert all(p.grad is None for p in critic.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy_adapter)
+    with torch.no_grad():  # and the reference is still the base: untouched by either adapter
+        base = common.token_logprobs(reference, ids, mask)
+        for p in critic_trained:
+            p.add_(1.0)
+        assert torch.equal(common.token_logprobs(reference, ids, mask), base)
+
+
 @pytest.mark.parametrize("auto,task", TASKS)
 def test_lora_with_bf16_stores_frozen_weights_in_bf16_and_trains_in_fp32(auto, task):
     """--bf16 with LoRA: the frozen weights take 2 bytes per parameter, what trains (adapter, head) keeps fp32."""
@@ -236,11 +299,13 @@ SMALL_RUN = {
 }
 
 
-@pytest.mark.parametrize("script", list(SMALL_RUN))
-def test_scripts_with_lora_and_checkpointing_reduce_to_erm_at_rho_zero(tmp_path, script):
+@pytest.mark.parametrize("case", [*SMALL_RUN, "dro_ppo.py --baseline critic"])
+def test_scripts_with_lora_and_checkpointing_reduce_to_erm_at_rho_zero(tmp_path, case):
     """End to end with --lora-r, --gradient-checkpointing and --bf16: rho = 0 trains exactly the model ERM trains,
-    and the saved (merged: the tiny model's base exists nowhere else) weights load."""
-    flags = [*SMALL_RUN[script].split(), *SAVERS, "--bf16"]
+    and the saved (merged: the tiny model's base exists nowhere else) weights load (PPO's critic: its own adapter
+    on the policy's frozen weights)."""
+    script, *extra = case.split()
+    flags = [*SMALL_RUN[script].split(), *SAVERS, "--bf16", *extra]
     rho0 = run(script, tmp_path / "rho0", *flags, "--dro.kind", "chi2", "--dro.rho", "0")
     erm = run(script, tmp_path / "erm", *flags, "--dro.kind", "erm")
     assert rho0.keys() == erm.keys() and all(torch.equal(rho0[k], erm[k]) for k in erm)
