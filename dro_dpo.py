@@ -226,11 +226,11 @@ def evaluate_generations(model, reference, tokenizer, rows, generation_config, b
     reference on those samples (k3 estimate summed over the response tokens, both at the sampling temperature)."""
     prompts, domains = rows["prompt"], rows["domain"]
     model.eval()
-    gold, kl, end_ids = [], [], common.end_token_ids(tokenizer, model)
+    gold, kl = [], []
     for i in range(0, len(prompts), batch_size):
         prompt_ids = [common.encode_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]  # plain text, as trained
         ids, mask, responses, response_mask, _ = common.generate(
-            model, prompt_ids, tokenizer.pad_token_id, end_ids, generation_config
+            model, prompt_ids, tokenizer.pad_token_id, generation_config.eos_token_id, generation_config
         )
         start = ids.shape[1] - responses.shape[1]
         logps = common.token_logprobs(model, ids, mask, start, generation_config.temperature)

@@ -376,7 +376,7 @@ def evaluate(
         prompts, prompt_ids = data["text"][i : i + batch_size], data["ids"][i : i + batch_size]
         domains = data["domain"][i : i + batch_size]
         ids, mask, responses, response_mask, ended = common.generate(
-            policy, prompt_ids, tokenizer.pad_token_id, common.end_token_ids(tokenizer, policy), generation_config
+            policy, prompt_ids, tokenizer.pad_token_id, generation_config.eos_token_id, generation_config
         )
         start = ids.shape[1] - responses.shape[1]
         # exact KL of the next-token distributions, summed over the response: the sequence KL in expectation
@@ -514,8 +514,8 @@ if __name__ == "__main__":
         trained = [p for p in critic.parameters() if p.requires_grad]  # (with LoRA its frozen ones are the policy's)
         param_groups.append({"params": trained, "lr": args.value_learning_rate})
     optimizer = torch.optim.AdamW(param_groups)
-    # rollouts stop at any end token: EOS, the model's generation_config's (e.g. <|eot_id|>), the template's turn end
-    end_ids = common.end_token_ids(tokenizer, policy)
+    # rollouts stop at any end token (`common.end_token_ids`): EOS, the model's generation_config's (e.g.
+    # <|eot_id|>), the template's turn end
     sampling = dict(top_p=args.top_p, top_k=args.top_k, model=policy)
     generation_config = common.sampling_config(tokenizer, args.max_new_tokens, args.temperature, **sampling)
     eval_config = common.sampling_config(
@@ -572,8 +572,9 @@ if __name__ == "__main__":
         # 1. Rollouts, scores, per-token rewards (KL penalty + score at the last response token), GAE
         t0 = time.time()
         with torch.no_grad(), lifecycle.autocast(args, run.device):
+            queries = [train["ids"][i] for i in rollout_prompts]
             ids, mask, responses, response_mask, ended = common.generate(
-                policy, [train["ids"][i] for i in rollout_prompts], pad_id, end_ids, generation_config
+                policy, queries, pad_id, generation_config.eos_token_id, generation_config
             )
             context_len = ids.shape[1] - responses.shape[1]
             logprobs, entropy = common.token_logprobs(policy, ids, mask, context_len, args.temperature, entropy=True)
