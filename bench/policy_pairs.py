@@ -39,17 +39,27 @@ def main():
     a = p.parse_args()
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
+    ppo = dro_ppo.Args()  # its defaults: the warm start and the rollouts as dro_ppo.py runs them
     tokenizer = common.tiny_tokenizer()
-    data = dro_ppo.load_prompts("synthetic", "train", tokenizer, 64)
+    data = dro_ppo.load_prompts("synthetic", "train", tokenizer, ppo.max_prompt_length)
     policy = AutoModelForCausalLM.from_config(common.tiny_config(tokenizer))
     pad, end = tokenizer.pad_token_id, common.end_token_id(tokenizer)
     policy.config.pad_token_id = pad
-    common.warm_start(policy, data["chosen"], data["chosen_prompt_len"], pad, a.sft_steps, 64, 3e-3, a.seed + 10_000)
+    common.warm_start(
+        policy,
+        data["chosen"],
+        data["chosen_prompt_len"],
+        pad,
+        a.sft_steps,
+        ppo.batch_size,
+        ppo.sft_learning_rate,
+        a.seed + 10_000,
+    )
     policy.save_pretrained(os.path.join(a.out, "sft"))
     tokenizer.save_pretrained(os.path.join(a.out, "sft"))
 
     demos = [row["chosen"] for row in ingest.load_preferences("synthetic", "train", tokenizer)]
-    config = common.sampling_config(tokenizer, 8, 1.0)  # dro_ppo.py's --max-new-tokens
+    config = common.sampling_config(tokenizer, ppo.max_new_tokens, ppo.temperature)
     samples, demo = [], []
     policy.eval()
     with torch.no_grad():
