@@ -642,6 +642,13 @@ class WithoutAdapter:
     def parameters(self):
         return self.model.parameters()
 
+    @property
+    def config(self):
+        return self.model.config
+
+    def get_output_embeddings(self):  # (common.token_logprobs computes the log-probs inside this layer)
+        return self.model.get_output_embeddings()
+
     def __call__(self, **inputs):
         training = self.model.training
         self.model.eval()

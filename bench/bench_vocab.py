@@ -10,11 +10,11 @@ ids drawn uniformly from the vocabulary (ids 0-2 reserved), a 64-token prompt an
 all. On the CPU the logits ([tokens, 151,936] floats) dominate everything else, as they do at 0.5B on a GPU.
 
 (a) DPO, --pairs pairs per step, AdamW lr 1e-4, clipping 1, beta 0.1. Ours: dro_dpo.pair_losses (the reference
-forward first, under no_grad; `common.token_logprobs` keeps logits only at response positions and takes
-logit - logsumexp in chunks), robust weights, backward, clip, AdamW. TRL: DPOTrainer's default with a frozen copy
-as ref_model (it runs offline only with one) on the same pre-tokenized pairs. TRL 1.16's DPOTrainer has no
-`use_logits_to_keep` option and disables `padding_free` ("temporarily unavailable after a refactor"), so its default
-is the only row.
+forward first, under no_grad; `common.token_logprobs` runs the output layer a chunk of positions at a time and
+keeps only logit - logsumexp, never the [N, T, V] logits), robust weights, backward, clip, AdamW. TRL:
+DPOTrainer's default with a frozen copy as ref_model (it runs offline only with one) on the same pre-tokenized pairs.
+TRL 1.16's DPOTrainer has no `use_logits_to_keep` option and disables `padding_free` ("temporarily unavailable after
+a refactor"), so its default is the only row.
 (b) Reward model (sequence classification, num_labels=1): ours dro_reward.pair_losses against RewardTrainer on
 the same pairs (full sequences as chosen_ids / rejected_ids). A reward model computes no vocabulary logits: only
 its embedding table is vocabulary-sized, so this section checks that nothing else got worse.

@@ -323,7 +323,7 @@ def test_the_readmes_paper_scale_commands_run_as_written(tmp_path):
         "allenai/reward-bench": os.path.join(fixtures, "reward_bench.jsonl"),
         "HuggingFaceH4/hhh_alignment": os.path.join(fixtures, "hhh_alignment.jsonl"),
         "runs/<reward run>/model": str(tmp_path / "rm" / "model"),
-        "torchrun --nproc_per_node 8": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2",
+        "torchrun --nproc_per_node 8": f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2",
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for i, command in enumerate(commands):

@@ -222,7 +222,7 @@ def test_sigterm_before_the_first_step_stops_cleanly_and_the_folder_restarts(tmp
 
 
 def test_a_user_error_under_torchrun_is_printed_once(tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     cmd = [*launcher, os.path.join(ROOT, "dro_reward.py"), "--batch-size", "7", "--output-dir", str(tmp_path / "r")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=240)
     assert proc.returncode != 0

@@ -73,12 +73,48 @@ def test_entropy_and_exact_kl_equal_the_direct_formulas(arch, monkeypatch):
     assert logps.shape == kl.shape == (ids.shape[0], ids.shape[1] - 3)
 
 
-def test_only_the_used_positions_reach_the_output_layer():
+def test_only_the_used_positions_reach_the_output_layer_a_chunk_at_a_time(monkeypatch):
     model, ids, mask = model_and_batch("llama", "right")
-    seen = []
-    model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
-    common.token_logprobs(model, ids, mask, start=8)
-    assert seen == [(ids.shape[0], ids.shape[1] - 7, VOCAB)]  # positions 7 .. T - 1, not T
+    seen, chunks = [], []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
+    chunk_rows = common._row_chunks
+    record = lambda rows, vocab: (
+        chunks.append([len(range(rows)[c]) for c in chunk_rows(rows, vocab)]) or chunk_rows(rows, vocab)
+    )  # noqa: E731
+    monkeypatch.setattr(common, "_row_chunks", record)
+    monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * VOCAB * 5)  # 5 positions' float32 logits at a time
+    common.token_logprobs(model, ids, mask, start=8).sum().backward()
+    assert seen == [ids.shape[1] - 7]  # positions 7 .. T - 1 reach the output layer, not T
+    assert chunks == [[5, 5, 5, 1]] * 2  # 4 rows x 4 predicting positions (the last one predicts nothing), both passes
+
+
+def test_no_tensor_of_the_logits_size_is_kept_for_the_backward():
+    """What the forward pass saves for the backward pass, at a vocabulary much larger than the hidden size: the
+    transformer's activations and one chunk's inputs, never [N, T, V] logits (nor a chunk of them)."""
+    vocab = 4096
+    torch.manual_seed(0)
+    config = ARCHITECTURES["llama"](vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config)
+    ids, mask = common.pad([torch.randint(3, vocab, (n,)).tolist() for n in (40, 33, 25, 40)], 0)
+    logits_bytes = 4 * ids.shape[0] * (ids.shape[1] - 1) * vocab
+    saved, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:  # (the output layer's [V, H] weight is saved, of course)
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logps = common.token_logprobs(model, ids, mask)
+    assert max(saved.values()) < logits_bytes / 16
+    logps.sum().backward()  # (and the backward pass recomputes what it needs)
+    assert model.lm_head.weight.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_models_whose_logits_are_more_than_the_output_layer_keep_them(arch):
+    model, _, _ = model_and_batch(arch, "right")
+    assert (common.output_layer(model) is None) == (arch == "gemma2")  # Gemma 2 soft-caps its logits
 
 
 def test_the_backward_keeps_no_float32_copy_of_the_logits():
@@ -103,3 +139,20 @@ def test_the_backward_keeps_no_float32_copy_of_the_logits():
     ((logits.float() / 0.7).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1) * weights).sum().backward()
     assert grad.dtype == torch.bfloat16  # rounded once, from the same float32 value the direct path rounds
     torch.testing.assert_close(grad, logits.grad, rtol=0, atol=2**-7 * logits.grad.abs().max().item())
+
+
+def test_bf16_autocast_gives_the_direct_paths_values_and_gradients():
+    """Under --bf16's autocast the output layer runs in bf16 in both passes, as the model's own layer does."""
+    model, ids, mask = model_and_batch("llama", "right")
+    weights = torch.randn(ids.shape[0], ids.shape[1] - 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, logits = direct(model, ids, mask, 2, 0.9)
+        (expected * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = common.token_logprobs(model, ids, mask, start=2, temperature=0.9)
+        (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance(logits))  # the same bf16 logits
+    for name, p in model.named_parameters():  # bf16 matmuls whose float32 inputs were a few ulps apart
+        torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=2**-6 * grads[name].abs().max().item(), msg=name)

@@ -146,7 +146,7 @@ def test_ddp_and_accumulation_equal_one_big_batch(tmp_path, robust):
     run("one")
     run("one_erm", "--dro.kind", "erm")  # what a wrong weighting (none at all) would give
     run("accum", "--gradient-accumulation-steps", "4")
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")  # a free port
     run("ddp", "--gradient-accumulation-steps", "2", launcher=torchrun)
     load = lambda name: AutoModelForSequenceClassification.from_pretrained(tmp_path / name / "model").state_dict()
     one, accum, ddp, erm = load("one"), load("accum"), load("ddp"), load("one_erm")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_compat import ARCHITECTURES
+from test_reward import SGD_WRAPPER
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import common
@@ -277,10 +278,11 @@ def test_bf16_autocast_stays_close_to_fp32():
                 assert not torch.equal(low, high)  # bf16 did run
 
 
-def run(script, out, *flags, nproc=1):
+def run(script, out, *flags, nproc=1, wrapper=None):
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]  # a free port
+    launcher += [str(wrapper)] if wrapper else []
     cmd = [*launcher, os.path.join(ROOT, script), "--output-dir", str(out), *flags]
     proc = subprocess.run(
         cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
@@ -316,10 +318,12 @@ def test_ddp_with_lora_and_checkpointing_equals_one_process(tmp_path, script):
     """The global worst case with the memory savers on: 2 processes (gloo) give one process's weights."""
     flags = [*SMALL_RUN[script].split(), *SAVERS, "--dro.kind", "cvar", "--dro.rho", "0.5"]
     flags += ["--sft-steps", "0"] if script == "dro_dpo.py" else []  # (the warm start averages tokens per rank)
-    one = run(script, tmp_path / "one", *flags)
-    ddp = run(script, tmp_path / "ddp", *flags, nproc=2)
+    sgd = tmp_path / "sgd.py"  # the update compared under plain SGD: see test_reward's SGD_WRAPPER for why
+    sgd.write_text(SGD_WRAPPER)
+    one = run(script, tmp_path / "one", *flags, wrapper=sgd)
+    ddp = run(script, tmp_path / "ddp", *flags, nproc=2, wrapper=sgd)
     for k in one:
-        torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=1e-7)
 
 
 def test_ppo_refuses_lora_dropout():
@@ -347,7 +351,7 @@ def test_the_readmes_7b_recipes_run_as_written(tmp_path, after):
         "llm-blender/Unified-Feedback": str(tmp_path / "uf.jsonl"),
         "allenai/reward-bench": os.path.join(fixtures, "reward_bench.jsonl"),
         "python dro_dpo.py": f"{sys.executable} dro_dpo.py",
-        "torchrun --nproc_per_node 8": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2",
+        "torchrun --nproc_per_node 8": f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2",
     }.items():
         command = command.replace(hub, local)
     cmd = [*command.split(), "--output-dir", str(tmp_path / "run"), "--total-steps", "1", "--max-new-tokens", "4"]
@@ -366,10 +370,12 @@ def test_fsdp_equals_one_process(tmp_path, script):
 
     flags = [*SMALL_RUN[script].split(), "--dro.kind", "cvar", "--dro.rho", "0.5", "--sft-steps", "0"]
     flags = flags[:-2] if script == "dro_reward.py" else flags  # (the reward script has no warm start)
-    one = run(script, tmp_path / "one", *flags)
-    fsdp = run(script, tmp_path / "fsdp", *flags, "--fsdp", "--gradient-accumulation-steps", "2", nproc=2)
+    sgd = tmp_path / "sgd.py"  # the update compared under plain SGD: see test_reward's SGD_WRAPPER for why
+    sgd.write_text(SGD_WRAPPER)
+    one = run(script, tmp_path / "one", *flags, wrapper=sgd)
+    fsdp = run(script, tmp_path / "fsdp", *flags, "--fsdp", "--gradient-accumulation-steps", "2", nproc=2, wrapper=sgd)
     for k in one:
-        torch.testing.assert_close(fsdp[k], one[k], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(fsdp[k], one[k], rtol=0, atol=1e-7)
     assert "FSDP" not in json.load(open(tmp_path / "fsdp" / "model" / "config.json"))["architectures"][0]
 
 
