@@ -711,7 +711,7 @@ def shard(batch: list, rank: int, world: int) -> list:
 def warm_start(model, seqs, prompt_lens, pad_id, steps, batch_size, lr, seed, rank=0, world=1, tracker=None):
     """Supervised fine-tuning of a (tiny, randomly initialised) policy on completions: the mean next-token loss of
     the completion tokens, AdamW with cosine decay to 0. `model` may be a DDP wrapper (each rank takes its shard)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=steps)
     batches = batch_indices(len(seqs), batch_size, seed, "warm-start sequences")
     for step in tqdm(range(steps), disable=rank != 0, desc="warm start"):

@@ -64,7 +64,7 @@ def ours(kind="erm", rho=0.0):
     tok, rows, policy, ref = setup()
     data = common.tokenize_preferences(rows, tok, 64, "synthetic")
     pad_id = tok.pad_token_id
-    opt = torch.optim.AdamW(policy.parameters(), lr=LR)
+    opt = torch.optim.AdamW(policy.parameters(), lr=LR, fused=True)
     scheduler = get_scheduler("constant", opt)
     n, dro = len(data["chosen"]), robust.DROArgs(kind, rho)
     base, t = None, None

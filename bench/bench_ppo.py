@@ -48,7 +48,8 @@ def make_setup(seed, tok, args):
         [
             {"params": policy.parameters(), "lr": args.learning_rate},
             {"params": critic.parameters(), "lr": args.value_learning_rate},
-        ]
+        ],
+        fused=True,
     )
     return {"policy": policy, "reference": reference, "critic": critic, "optimizer": optimizer}
 

@@ -72,7 +72,7 @@ def vs_trl_ours(steps):
     rows = ingest.load_preferences("synthetic", "train", tok, max_rows=(steps + 1) * BATCH)
     data = common.tokenize_preferences(rows, tok, args.max_length, "synthetic")
     model = tiny_reward_model(tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = get_scheduler("constant", opt)
     dro, pad_id, n = robust.DROArgs("erm", 0.0), tok.pad_token_id, len(data["chosen"])
     for step in range(-1, steps):
@@ -161,7 +161,7 @@ if __name__ == "__main__":
     _, data = common.load_pairs("synthetic", "train", tok, args.max_length, max_rows=BATCH * BATCHES)
     model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
     model.config.pad_token_id = pad_id
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = get_scheduler(
         args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps, num_training_steps=REPS * len(SETTINGS)
     )

@@ -312,7 +312,7 @@ def dpo_ours(mode, steps, batch, device):
     if not args.lora_r:
         clock.hook(reference)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
     scheduler = get_scheduler("constant", opt)
     dro, pad_id, n = robust.DROArgs("erm", 0.0), tok.pad_token_id, len(data["chosen"])
     for step in range(-1, steps + 1):  # step -1 warms up, step `steps` measures the memory
@@ -431,7 +431,8 @@ def ppo_ours(mode, steps, prompts, device):
         [
             {"params": policy.parameters(), "lr": args.learning_rate},
             {"params": [p for p in critic.parameters() if p.requires_grad], "lr": args.value_learning_rate},
-        ]
+        ],
+        fused=True,
     )
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,

@@ -117,7 +117,7 @@ def our_loop(step_loss, params, steps, batch, n, device, autocast):
     import robust
 
     memory, clock = scale.Memory(device), scale.Clock(device)
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
     dro = robust.DROArgs("erm", 0.0)
     for step in range(-1, steps + 1):  # step -1 warms up, step `steps` measures the memory
         if step == 0:
@@ -236,7 +236,7 @@ def ppo_ours(a, baseline, device):
     critic = dro_ppo.Critic(policy).to(device) if baseline == "critic" else None
     reference = lifecycle.reference_policy(policy, args)
     models = [m for m in (policy, critic) if m is not None]
-    optimizer = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=args.learning_rate)
+    optimizer = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=args.learning_rate, fused=True)
     end_ids = common.end_token_ids(tok, policy)
     config = common.sampling_config(tok, args.max_new_tokens, args.temperature, model=policy)
     for step in range(-1, a.steps + 1):

@@ -109,7 +109,9 @@ def main():
             args = args_of(mode)
             config = common.tiny_config(tok, num_labels=1 if script == "reward" else None)
             trained, reference = build(script, args, config)
-            optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters() if p.requires_grad], lr=1e-4)
+            optimizer = torch.optim.AdamW(
+                [p for m in trained for p in m.parameters() if p.requires_grad], lr=1e-4, fused=True
+            )
             ids = torch.randint(3, 200, (4, 16))
             with lifecycle.autocast(args, torch.device("cpu")):
                 loss = sum(

@@ -37,7 +37,7 @@ if __name__ == "__main__":
     ]
     model = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
     model.config.pad_token_id = pad_id
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     erm = robust.DROArgs("erm", 0.0)
     for _ in range(ERM_STEPS):  # ERM, as at 40% of the default budget
         idx = torch.randint(0, len(data["chosen"]), (BATCH,)).tolist()

@@ -114,7 +114,7 @@ def test_bad_radius_is_rejected_by_the_cli(tmp_path):
 
 
 SGD_WRAPPER = """import runpy, sys, torch
-torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+torch.optim.AdamW = lambda params, lr, weight_decay=0.0, **_: torch.optim.SGD(params, lr, weight_decay=weight_decay)
 sys.argv = sys.argv[1:]
 sys.path[0] = __import__("os").path.dirname(sys.argv[0])  # the script's folder, as when it is run itself
 runpy.run_path(sys.argv[0], run_name="__main__")
