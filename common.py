@@ -463,12 +463,14 @@ class _OutputLayerLogprobs(torch.autograd.Function):
             for c in _row_chunks(len(targets), weight.shape[0]):
                 logits = F.linear(hidden[c], weight, bias)
                 g = grad[c, None] / ctx.temperature
-                d = (logits.float() / ctx.temperature - lse[c, None]).exp_().mul_(-g)  # -softmax * g
+                d = (logits.float() / ctx.temperature).sub_(lse[c, None]).exp_().mul_(-g)  # -softmax * g
                 at = targets[c, None]  # + g at the target
                 d = d.scatter_(-1, at, d.gather(-1, at) + g).to(logits.dtype)
                 grad_hidden[c] = d @ weight
-                if need_weight:
-                    grad_weight += d.T @ hidden[c]
+                if need_weight and d.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(d.T, hidden[c])  # (in place: no [V, H] temporary)
+                elif need_weight:
+                    grad_weight += d.T @ hidden[c]  # (bf16 autocast: the product in bf16, the sum in float32)
                 if need_bias:
                     grad_bias += d.float().sum(0)
         cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
