@@ -77,10 +77,12 @@ def test_only_the_used_positions_reach_the_output_layer_a_chunk_at_a_time(monkey
     model, ids, mask = model_and_batch("llama", "right")
     seen, chunks = [], []
     model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
-    chunk_rows = common._row_chunks
-    record = lambda rows, vocab: (
-        chunks.append([len(range(rows)[c]) for c in chunk_rows(rows, vocab)]) or chunk_rows(rows, vocab)
-    )  # noqa: E731
+    row_chunks = common._row_chunks
+
+    def record(rows, vocab):
+        chunks.append([len(range(rows)[c]) for c in row_chunks(rows, vocab)])
+        return row_chunks(rows, vocab)
+
     monkeypatch.setattr(common, "_row_chunks", record)
     monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * VOCAB * 5)  # 5 positions' float32 logits at a time
     common.token_logprobs(model, ids, mask, start=8).sum().backward()

@@ -187,11 +187,11 @@ def test_robust_weights_favour_low_return_prompts():
     assert torch.equal(w.view(-1, 2)[:, 0], w.view(-1, 2)[:, 1])  # rollouts of one prompt share its weight
 
 
-def _whiten_and_weigh_on_rank(rank, x, mask, returns, groups, port, out):
+def _whiten_and_weigh_on_rank(rank, x, mask, returns, groups, store, out):
     """One of 2 gloo processes: whiten and weigh this rank's half of a rollout batch."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)  # (no port to collide)
     half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
     w, _ = robust.robust_prompt_weights(-returns[half], groups[half], robust.DROArgs(kind="chi2", rho=0.5))
     loo, _ = dro_ppo.cross_fitted_weights(-returns[half], groups[half], robust.DROArgs(kind="chi2", rho=0.5), 2)
@@ -199,7 +199,7 @@ def _whiten_and_weigh_on_rank(rank, x, mask, returns, groups, port, out):
     dist.destroy_process_group()
 
 
-def test_cross_process_parts_equal_one_process():
+def test_cross_process_parts_equal_one_process(tmp_path):
     """Under torchrun the only cross-rank quantities of a PPO iteration are the advantage whitening and the
     robust weights (plug-in and cross-fitted): with the rollout batch split over 2 processes they equal those of
     one process."""
@@ -209,7 +209,9 @@ def test_cross_process_parts_equal_one_process():
     x, mask = torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(4)), batch["mask"]
     out = mp.Manager().dict()
     mp.spawn(
-        _whiten_and_weigh_on_rank, args=(x, mask, batch["returns_per_rollout"], batch["groups"], 29531, out), nprocs=2
+        _whiten_and_weigh_on_rank,
+        args=(x, mask, batch["returns_per_rollout"], batch["groups"], tmp_path / "store", out),
+        nprocs=2,
     )
     w, _ = robust.robust_prompt_weights(
         -batch["returns_per_rollout"], batch["groups"], robust.DROArgs(kind="chi2", rho=0.5)
