@@ -407,11 +407,16 @@ LOGITS_CHUNK_BYTES = 2**25  # float32 logits computed at once by the log-prob, e
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config fields that change logits
 
 
+def _output_layer_from(model, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """The model's output layer run on positions start - 1 .. T - 1 only (its `logits_to_keep`)."""
+    keep = ids.shape[1] - start + 1  # (the last position predicts nothing; the caller drops it)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=keep).logits
+
+
 def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, start: int = 1) -> torch.Tensor:
     """The logits that predict ids[:, t] for t >= start, [N, T - start, V], in the model's dtype: the output layer
-    runs only at these positions (the model's `logits_to_keep`), so a prompt costs no [N, P, V] logits."""
-    keep = ids.shape[1] - start + 1  # positions start - 1 .. T - 1; the last one predicts nothing
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=keep).logits[:, :-1]
+    runs only at these positions, so a prompt costs no [N, P, V] logits."""
+    return _output_layer_from(model, ids, mask, start)[:, :-1]
 
 
 def output_layer(model) -> Optional[torch.nn.Linear]:
@@ -504,8 +509,7 @@ def token_logprobs(model, ids, mask, start: int = 1, temperature: float = 1.0, e
 
     head.forward = logprobs_layer
     try:
-        keep = ids.shape[1] - start + 1
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=keep).logits
+        out = _output_layer_from(model, ids, mask, start)
     finally:
         del head.forward  # (back to the class's forward)
     return out.unbind(-1) if entropy else out[..., 0]
@@ -514,8 +518,7 @@ def token_logprobs(model, ids, mask, start: int = 1, temperature: float = 1.0, e
 def _time_chunks(logits: torch.Tensor):
     """Slices of the time axis whose float32 copies fit in LOGITS_CHUNK_BYTES (at least one position each)."""
     n, t, v = logits.shape
-    step = max(1, LOGITS_CHUNK_BYTES // (4 * n * v))
-    return [slice(i, i + step) for i in range(0, t, step)]
+    return _row_chunks(t, n * v)
 
 
 class _SelectedLogprobs(torch.autograd.Function):
