@@ -158,18 +158,21 @@ def dpo_ours(a, length, device):
     return our_loop(loss, params, a.steps, a.pairs, len(data["chosen"]), device, autocast_for(a.bf16, device))
 
 
-def reward_ours(a, length, device):
+def reward_ours(a, length, device, checkpointing=False):
     from dro_reward import pair_losses
 
     data = pairs((a.steps + 2) * a.pairs, length)
     model = new_model("seq", a.size, device)
+    if checkpointing:  # as dro_reward.py --gradient-checkpointing (lifecycle.prepare_model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     model.train()
     params = list(model.parameters())
     loss = lambda idx: pair_losses(model, data, idx, 0)[0]  # noqa: E731
     return our_loop(loss, params, a.steps, a.pairs, len(data["chosen"]), device, autocast_for(a.bf16, device))
 
 
-def trl_run(kind, a, length, device):
+def trl_run(kind, a, length, device, checkpointing=True):
     import copy
 
     from datasets import Dataset
@@ -184,6 +187,7 @@ def trl_run(kind, a, length, device):
         learning_rate=LR,
         max_length=None,
         bf16=a.bf16,
+        gradient_checkpointing=checkpointing,  # True is the default of both TRL configs
     )
     callbacks = [scale.trl_timing_callback(clock, memory, 1, a.steps + 1, a.steps + 2)]
     with tempfile.TemporaryDirectory() as out:
@@ -320,8 +324,10 @@ def child(a):
         result = ppo_trl(a, device) if side == "trl" else ppo_ours(a, side, device)
     elif side == "ours":
         result = (dpo_ours if section == "dpo" else reward_ours)(a, length, device)
+    elif side == "ours-gc":
+        result = reward_ours(a, length, device, checkpointing=True)
     else:
-        result = trl_run(section, a, length, device)
+        result = trl_run(section, a, length, device, checkpointing=side == "trl")
     result.pop("split", None)
     print(json.dumps(result))
 
@@ -346,12 +352,14 @@ def run_child(a, section, side, length):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-PLAN = {"dpo": ["ours", "trl"], "reward": ["ours", "trl"], "ppo": ["rloo", "critic", "trl"]}
+PLAN = {"dpo": ["ours", "trl"], "reward": ["ours", "ours-gc", "trl", "trl-no-gc"], "ppo": ["rloo", "critic", "trl"]}
 NAMES = {
     ("dpo", "ours"): "dro_dpo.py",
-    ("dpo", "trl"): "TRL DPOTrainer (default)",
+    ("dpo", "trl"): "TRL DPOTrainer (default: gradient checkpointing)",
     ("reward", "ours"): "dro_reward.py",
-    ("reward", "trl"): "TRL RewardTrainer",
+    ("reward", "ours-gc"): "dro_reward.py --gradient-checkpointing",
+    ("reward", "trl"): "TRL RewardTrainer (default: gradient checkpointing)",
+    ("reward", "trl-no-gc"): "TRL RewardTrainer, gradient_checkpointing=False",
     ("ppo", "rloo"): "dro_ppo.py --baseline rloo",
     ("ppo", "critic"): "dro_ppo.py (critic)",
     ("ppo", "trl"): "TRL GRPOTrainer",
@@ -381,7 +389,7 @@ def table(results, a):
             if m is None:
                 continue
             unit = "rollouts/s" if section == "ppo" else "pairs/s"
-            ratio = f"{m[0] / trl[0]:.2f}x | {m[1] / trl[1]:.2f}x" if trl and side != "trl" else " | "
+            ratio = f"{m[0] / trl[0]:.2f}x | {m[1] / trl[1]:.2f}x" if trl and not side.startswith("trl") else " | "
             length_text = "prompt + 8" if section == "ppo" else str(length)
             lines.append(
                 f"| {section} | {length_text} | {NAMES[section, side]} | {m[0]:.2f} {unit} | {m[1]:.0f} | {m[2]:.0f} "
