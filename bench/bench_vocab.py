@@ -17,7 +17,9 @@ TRL 1.16's DPOTrainer has no `use_logits_to_keep` option and disables `padding_f
 a refactor"), so its default is the only row.
 (b) Reward model (sequence classification, num_labels=1): ours dro_reward.pair_losses against RewardTrainer on
 the same pairs (full sequences as chosen_ids / rejected_ids). A reward model computes no vocabulary logits: only
-its embedding table is vocabulary-sized, so this section checks that nothing else got worse.
+its embedding table is vocabulary-sized, so this section checks that nothing else got worse. TRL's configs turn
+gradient checkpointing on by default and the scripts do not, so both sides are also measured the other way (ours
+with --gradient-checkpointing, RewardTrainer with gradient_checkpointing=False): setting for setting, the same bytes.
 (c) PPO at the script's defaults (2 samples per prompt, 8 new tokens, 4 epochs x 2 minibatches, the gold reward)
 on --ppo-prompts prompts: ours with --baseline rloo (no critic) and with the critic, against TRL's GRPOTrainer in
 the same shape (bench_scale.py's GRPO runner). The byte-level tokenizer decodes the ids above 255 modulo 256, so
