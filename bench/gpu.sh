@@ -48,7 +48,7 @@ stage dpo "${LIMITS[1]}" "$PY" dro_dpo.py $BF16 "${QUICK[@]}" --output-dir "$OUT
 stage ppo "${LIMITS[2]}" "$PY" dro_ppo.py $BF16 "${QUICK[@]}" "${PPO_QUICK[@]}" --output-dir "$OUT/ppo"
 stage vs_trl "${LIMITS[3]}" "$PY" bench/bench_vocab.py --device "$DEVICE" "${VOCAB[@]}" --sections dpo ppo \
     --out "$OUT/vs_trl.md"
-stage fsdp "${LIMITS[4]}" "$PY" -m torch.distributed.run --nproc_per_node 1 --master_port 29561 dro_dpo.py --fsdp \
+stage fsdp "${LIMITS[4]}" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 dro_dpo.py --fsdp \
     $BF16 --total-steps 20 --max-eval-rows 16 --output-dir "$OUT/fsdp"
 
 if [[ -f "$OUT/vs_trl.md" ]]; then
