@@ -3,8 +3,8 @@
 The embedded benchmark (four synthetic domains with a known gold reward), preference rows as token ids, the
 sequence convention (padding, log-probs, rewards, generation), batch order, the supervised warm start, the
 tiny offline model and the per-domain evaluation tables. The method itself is in robust.py; reading files and
-hub datasets is in ingest.py and the run's lifecycle (folders, checkpoints, LoRA/DDP/FSDP wrapping) in
-lifecycle.py, which a first reading can skip.
+hub datasets is in ingest.py, the run's lifecycle (folders, checkpoints, LoRA/DDP/FSDP wrapping) in
+lifecycle.py, and how the log-probs avoid the [N, T, V] logits in logprobs.py: a first reading can skip all three.
 """
 
 import itertools
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 import ingest
+import logprobs
 from robust import DRO_KINDS, DROArgs, GroupWeights, robust_prompt_weights, robust_weights  # noqa: F401 (stable names)
 
 
@@ -403,10 +404,6 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-LOGITS_CHUNK_BYTES = 2**25  # float32 logits computed at once by the log-prob, entropy and KL reductions below
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config fields that change logits
-
-
 def _output_layer_from(model, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
     """The model's output layer run on positions start - 1 .. T - 1 only (its `logits_to_keep`)."""
     keep = ids.shape[1] - start + 1  # (the last position predicts nothing; the caller drops it)
@@ -419,148 +416,20 @@ def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, start: int =
     return _output_layer_from(model, ids, mask, start)[:, :-1]
 
 
-def output_layer(model) -> Optional[torch.nn.Linear]:
-    """The model's output layer when its logits are exactly `hidden @ W.T + b` (a plain Linear, no soft-capping
-    or scaling after it, as in Llama, Qwen, Mistral, GPT-2...), else None (e.g. Gemma 2 caps its logits)."""
-    model = getattr(model, "module", model)  # (inside DDP)
-    head = model.get_output_embeddings()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if type(head) is not torch.nn.Linear or any(getattr(config, f, None) for f in LOGIT_TRANSFORMS):
-        return None
-    return head
-
-
-class _OutputLayerLogprobs(torch.autograd.Function):
-    """log softmax((hidden @ W.T + b) / temperature) at `targets`, [M] in float32 from hidden [M, H], with the
-    logits computed LOGITS_CHUNK_BYTES at a time and dropped: the forward keeps one logsumexp per row, the backward
-    recomputes each chunk's logits for its gradient (onehot(target) - softmax) * grad / temperature (one matmul
-    more than keeping them). With `entropy` (no gradient), also each distribution's entropy, log Z - E_p[x].
-    The backward runs under the forward's autocast, so both see the same logits."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, entropy):
-        lse = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-        logps, entropies = torch.empty_like(lse), torch.empty_like(lse)
-        for c in _row_chunks(len(targets), weight.shape[0]):
-            x = F.linear(hidden[c], weight, bias).float() / temperature
-            lse[c] = x.logsumexp(-1)
-            logps[c] = x.gather(-1, targets[c, None]).squeeze(-1) - lse[c]
-            if entropy:
-                entropies[c] = lse[c] - (x.softmax(-1) * x).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        device = hidden.device.type
-        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device))
-        ctx.autocast["enabled"] = torch.is_autocast_enabled(device)
-        ctx.temperature = temperature
-        if not entropy:
-            return logps
-        ctx.mark_non_differentiable(entropies)
-        return logps, entropies
-
-    @staticmethod
-    def backward(ctx, grad, *_):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_weight, need_bias = ctx.needs_input_grad[1:3]  # (not with LoRA, which freezes the output layer)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-        with torch.autocast(**ctx.autocast):
-            for c in _row_chunks(len(targets), weight.shape[0]):
-                logits = F.linear(hidden[c], weight, bias)
-                g = grad[c, None] / ctx.temperature
-                d = (logits.float() / ctx.temperature).sub_(lse[c, None]).exp_().mul_(-g)  # -softmax * g
-                at = targets[c, None]  # + g at the target
-                d = d.scatter_(-1, at, d.gather(-1, at) + g).to(logits.dtype)
-                grad_hidden[c] = d @ weight
-                if need_weight and d.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(d.T, hidden[c])  # (in place: no [V, H] temporary)
-                elif need_weight:
-                    grad_weight += d.T @ hidden[c]  # (bf16 autocast: the product in bf16, the sum in float32)
-                if need_bias:
-                    grad_bias += d.float().sum(0)
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-        return grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias), None, None, None
-
-
-def _row_chunks(rows: int, vocab: int):
-    """Slices of `rows` whose float32 logits fit in LOGITS_CHUNK_BYTES (at least one row each)."""
-    step = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
-    return [slice(i, i + step) for i in range(0, rows, step)]
-
-
 def token_logprobs(model, ids, mask, start: int = 1, temperature: float = 1.0, entropy: bool = False):
     """log pi(ids[:, t] | ids[:, :t]) for t >= start at `temperature`, in float32 ([N, T - start]); with
     `entropy` (no gradient), also the entropy of each of these next-token distributions.
 
-    No [N, T, V] logits exist: the model runs with its output layer replaced, for this one call, by
-    `_OutputLayerLogprobs`, which takes the hidden states of the positions start - 1 .. T - 2 and computes their
-    logits a chunk at a time, each log-prob as logit - logsumexp. Models whose logits are more than that layer
-    (Gemma 2's soft-capping) take the model's own logits instead, a chunk at a time likewise."""
-    targets, head = ids[:, start:], output_layer(model)
-    if head is None:
-        logits = next_token_logits(model, ids, mask, start)
-        return _logprobs_of_logits(logits, targets, temperature, entropy)
-
-    def logprobs_layer(hidden):  # [N, T - start + 1, H] -> [N, T - start, 1 or 2]: log-probs (and entropies)
-        n, t, width = hidden.shape
-        h, y = hidden[:, :-1].reshape(-1, width), targets.reshape(-1)
-        out = _OutputLayerLogprobs.apply(h, head.weight, head.bias, y, temperature, entropy)
-        return torch.stack(out if entropy else [out], -1).view(n, t - 1, -1)
-
-    head.forward = logprobs_layer
-    try:
+    The values (and gradients) of `log_softmax(next_token_logits(...).float() / temperature).gather(targets)`,
+    computed without ever holding the [N, T - start, V] logits, which decide the memory at real vocabulary sizes:
+    for this one call the model's output layer is replaced by logprobs.py's, which computes the logits a chunk of
+    positions at a time and keeps only each token's logit - logsumexp (a first reading can skip how)."""
+    targets, head = ids[:, start:], logprobs.output_layer(model)
+    if head is None:  # logits that are more than the layer (Gemma 2's soft-capping): the model's own, chunked
+        return logprobs.of_logits(next_token_logits(model, ids, mask, start), targets, temperature, entropy)
+    with logprobs.replacing(head, targets, temperature, entropy):
         out = _output_layer_from(model, ids, mask, start)
-    finally:
-        del head.forward  # (back to the class's forward)
     return out.unbind(-1) if entropy else out[..., 0]
-
-
-def _time_chunks(logits: torch.Tensor):
-    """Slices of the time axis whose float32 copies fit in LOGITS_CHUNK_BYTES (at least one position each)."""
-    n, t, v = logits.shape
-    return _row_chunks(t, n * v)
-
-
-class _SelectedLogprobs(torch.autograd.Function):
-    """log softmax(logits / temperature) at `targets`, in float32, a chunk of positions at a time. The backward
-    writes each chunk's gradient, (onehot(target) - softmax) * grad / temperature, into one tensor of the logits'
-    shape and dtype: no [N, T, V] float32 copy is ever held, in either pass."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature):
-        lse = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
-        logps = torch.empty_like(lse)
-        for t in _time_chunks(logits):
-            x = logits[:, t].float() / temperature
-            lse[:, t] = x.logsumexp(-1)
-            logps[:, t] = x.gather(-1, targets[:, t, None]).squeeze(-1) - lse[:, t]
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.temperature = temperature
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, targets, lse = ctx.saved_tensors
-        out = torch.empty_like(logits)
-        for t in _time_chunks(logits):
-            g = grad[:, t, None] / ctx.temperature
-            d = (logits[:, t].float() / ctx.temperature - lse[:, t, None]).exp_().mul_(-g)  # -softmax * g
-            at = targets[:, t, None]  # + g at the target (scatter_, not scatter_add_: deterministic on GPUs too)
-            out[:, t] = d.scatter_(-1, at, d.gather(-1, at) + g).to(out.dtype)
-        return out, None, None
-
-
-def _logprobs_of_logits(logits, targets, temperature: float, entropy: bool):
-    """token_logprobs from a model's own logits [N, T, V]: no float32 copy of them, in either pass."""
-    logps = _SelectedLogprobs.apply(logits, targets, temperature)
-    if not entropy:
-        return logps
-    entropies = []
-    with torch.no_grad():
-        for t in _time_chunks(logits):  # H = log Z - E_p[x], chunked like the log-probs
-            x = logits[:, t].float() / temperature
-            entropies.append(x.logsumexp(-1) - (x.softmax(-1) * x).sum(-1))
-    return logps, torch.cat(entropies, 1)
 
 
 @torch.no_grad()
@@ -569,7 +438,7 @@ def token_kl(model, reference, ids, mask, start: int = 1, temperature: float = 1
     E_p[x - y] - logsumexp(x) + logsumexp(y) for the two models' logits x and y, a chunk at a time."""
     x_all, y_all = next_token_logits(model, ids, mask, start), next_token_logits(reference, ids, mask, start)
     kl = []
-    for t in _time_chunks(x_all):
+    for t in logprobs.time_chunks(x_all):
         x, y = x_all[:, t].float() / temperature, y_all[:, t].float() / temperature
         kl.append((x.softmax(-1) * (x - y)).sum(-1) - x.logsumexp(-1) + y.logsumexp(-1))
     return torch.cat(kl, 1).clamp(min=0)  # (a KL is >= 0: float32 rounds it to about -1e-7 where pi = ref)

@@ -5,7 +5,7 @@
 
 Forward and backward of the summed log-probs of --rows sequences on bench_vocab's Qwen2.5 shape (151,936 tokens),
 three ways: `common.token_logprobs` (the output layer's logits computed a chunk at a time and dropped), the model's
-own logits with the chunked log-prob (`common._logprobs_of_logits`, the path Gemma 2 takes), and the model's own
+own logits with the chunked log-prob (`logprobs.of_logits`, the path Gemma 2 takes), and the model's own
 logits with a float32 log_softmax (what a direct implementation does). Peak memory: bench_scale.Memory's growth over
 the call (the weights are held before it), median seconds of --repeats calls, each way in turn.
 """
@@ -23,6 +23,7 @@ import bench_vocab as vocab  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import logprobs  # noqa: E402
 
 
 def direct(model, ids, mask):
@@ -32,7 +33,7 @@ def direct(model, ids, mask):
 
 WAYS = {
     "token_logprobs": common.token_logprobs,
-    "own logits, chunked": lambda m, ids, mask: common._logprobs_of_logits(
+    "own logits, chunked": lambda m, ids, mask: logprobs.of_logits(
         common.next_token_logits(m, ids, mask), ids[:, 1:], 1.0, False
     ),
     "own logits, log_softmax": direct,

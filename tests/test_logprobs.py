@@ -1,5 +1,5 @@
-"""common.token_logprobs computes logits only where they are used and log-probs as logit - logsumexp in chunks:
-the same values and gradients as the direct log_softmax of every position, on every architecture of the
+"""common.token_logprobs (logprobs.py) computes logits only where they are used and log-probs as logit - logsumexp in
+chunks: the same values and gradients as the direct log_softmax of every position, on every architecture of the
 matrix, both padding sides, any temperature, start position and chunk size; entropy and exact KL likewise."""
 
 import pytest
@@ -8,6 +8,7 @@ from test_compat import ARCHITECTURES
 from transformers import AutoModelForCausalLM
 
 import common
+import logprobs
 
 VOCAB = 97
 
@@ -44,7 +45,7 @@ def test_values_and_gradients_equal_the_direct_log_softmax(arch, side, monkeypat
     (expected * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * ids.shape[0] * VOCAB * 3)  # 3 positions per chunk
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * ids.shape[0] * VOCAB * 3)  # 3 positions per chunk
     got = common.token_logprobs(model, ids, mask, start=4, temperature=0.7)
     (got * weights).sum().backward()
     atol = tolerance(logits)
@@ -60,7 +61,7 @@ def test_values_and_gradients_equal_the_direct_log_softmax(arch, side, monkeypat
 def test_entropy_and_exact_kl_equal_the_direct_formulas(arch, monkeypatch):
     model, ids, mask = model_and_batch(arch, "left")
     reference, _, _ = model_and_batch(arch, "left", seed=1)
-    monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * ids.shape[0] * VOCAB * 2)
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * ids.shape[0] * VOCAB * 2)
     with torch.no_grad():
         _, x = direct(model, ids, mask, 3, 1.3)
         _, y = direct(reference, ids, mask, 3, 1.3)
@@ -77,14 +78,14 @@ def test_only_the_used_positions_reach_the_output_layer_a_chunk_at_a_time(monkey
     model, ids, mask = model_and_batch("llama", "right")
     seen, chunks = [], []
     model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
-    row_chunks = common._row_chunks
+    row_chunks = logprobs.row_chunks
 
     def record(rows, vocab):
         chunks.append([len(range(rows)[c]) for c in row_chunks(rows, vocab)])
         return row_chunks(rows, vocab)
 
-    monkeypatch.setattr(common, "_row_chunks", record)
-    monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * VOCAB * 5)  # 5 positions' float32 logits at a time
+    monkeypatch.setattr(logprobs, "row_chunks", record)
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * VOCAB * 5)  # 5 positions' float32 logits at a time
     common.token_logprobs(model, ids, mask, start=8).sum().backward()
     assert seen == [ids.shape[1] - 7]  # positions 7 .. T - 1 reach the output layer, not T
     assert chunks == [[5, 5, 5, 1]] * 2  # 4 rows x 4 predicting positions (the last one predicts nothing), both passes
@@ -116,7 +117,7 @@ def test_no_tensor_of_the_logits_size_is_kept_for_the_backward():
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_models_whose_logits_are_more_than_the_output_layer_keep_them(arch):
     model, _, _ = model_and_batch(arch, "right")
-    assert (common.output_layer(model) is None) == (arch == "gemma2")  # Gemma 2 soft-caps its logits
+    assert (logprobs.output_layer(model) is None) == (arch == "gemma2")  # Gemma 2 soft-caps its logits
 
 
 def test_the_backward_keeps_no_float32_copy_of_the_logits():
@@ -131,7 +132,7 @@ def test_the_backward_keeps_no_float32_copy_of_the_logits():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logps = common._SelectedLogprobs.apply(logits, targets, 0.7)
+        logps = logprobs.SelectedLogprobs.apply(logits, targets, 0.7)
     extra = sum(n for ptr, n in dict(saved).items() if ptr != logits.untyped_storage().data_ptr())
     assert extra <= targets.numel() * (8 + 4)  # the targets (int64) and the logsumexp (float32)
     weights = torch.randn_like(logps)
