@@ -161,13 +161,13 @@ def dpo_ours(a, length, device):
 
 
 def reward_ours(a, length, device, checkpointing=False):
+    import lifecycle
     from dro_reward import pair_losses
 
     data = pairs((a.steps + 2) * a.pairs, length)
     model = new_model("seq", a.size, device)
-    if checkpointing:  # as dro_reward.py --gradient-checkpointing (lifecycle.prepare_model)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if checkpointing:  # as dro_reward.py --gradient-checkpointing
+        model = lifecycle.prepare_model(model, scale.script_args("gc"), "SEQ_CLS")
     model.train()
     params = list(model.parameters())
     loss = lambda idx: pair_losses(model, data, idx, 0)[0]  # noqa: E731
