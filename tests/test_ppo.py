@@ -299,6 +299,23 @@ def test_script_rho_zero_equals_erm(tmp_path, baseline):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_evaluations_neither_change_training_nor_differ_by_anything_but_the_policy(tmp_path):
+    """Each evaluation samples its own fixed random stream: --eval-every changes no trained weight, and two runs'
+    step-0 evaluations of the same reference agree exactly (so step 0 and the end differ by the policy alone)."""
+    from safetensors.torch import load_file
+
+    run_script(tmp_path / "every", "--eval-every", "1", "--dro.kind", "erm")
+    run_script(tmp_path / "ends", "--eval-every", "0", "--dro.kind", "erm")
+    a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("every", "ends"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = {r: [json.loads(line) for line in open(tmp_path / r / "metrics.jsonl")] for r in ("every", "ends")}
+    assert {row["step"] for row in rows["every"]} == {0, 1, 2} and {row["step"] for row in rows["ends"]} == {0, 2}
+    for row in rows["every"] + rows["ends"]:
+        del row["run_id"]
+    assert [row for row in rows["every"] if row["step"] != 1] == rows["ends"]
+    assert len({row["gold_reward"] for row in rows["ends"]}) > 1  # (the comparison sees sampled responses)
+
+
 def test_smoke_run_with_reward_model(tmp_path):
     """Training on a learned reward model (a random tiny one here): eval also reports its score and the gap to gold."""
     from transformers import AutoModelForSequenceClassification
