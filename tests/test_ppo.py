@@ -396,3 +396,44 @@ def test_reward_model_scores_are_relative_to_the_chosen_response(tmp_path):
     ids, mask = common.pad(responses, tok.pad_token_id)
     scores = dro_ppo.rollout_scores(tok, rm, data["text"], data["domain"], data["chat"], ids, mask)
     assert torch.equal(scores, baseline)
+
+
+def test_policy_pairs_are_labelled_by_the_gold_reward(tmp_path):
+    """bench/policy_pairs.py (the reward model's data from a policy's own samples): every pair is in the preference
+    schema, its chosen response has the larger gold reward, demo.jsonl adds the demonstration against a sample, and
+    a next round (--policy, --previous) is the previous file followed by the new policy's pairs."""
+    script = os.path.join(ROOT, "bench", "policy_pairs.py")
+    base = [sys.executable, script, "--seed", "3", "--max-rows", "80", "--samples", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for flags in (
+        ["--sft-steps", "60", "--out", str(tmp_path / "r1")],
+        [
+            "--policy",
+            str(tmp_path / "r1" / "sft"),
+            "--previous",
+            str(tmp_path / "r1" / "demo.jsonl"),
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+    ):
+        proc = subprocess.run(base + flags, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    files = {
+        f"{r}/{n}": [json.loads(line) for line in open(tmp_path / r / f"{n}.jsonl")]
+        for r in ("r1", "r2")
+        for n in ("samples", "demo", "mix")
+    }
+    demos = {row["prompt"]: row["chosen"] for row in ingest.load_preferences("synthetic", "train", None, max_rows=80)}
+    for name, rows in files.items():
+        for row in rows:
+            assert set(row) == {"prompt", "chosen", "rejected", "domain"}, name
+            assert common._DOMAIN_OF[row["prompt"].split(":")[0]] == row["domain"]
+            gold = [common.synthetic_gold_reward(row["prompt"], row[k], row["domain"]) for k in ("chosen", "rejected")]
+            assert gold[0] > gold[1] and row["chosen"].strip() and row["rejected"].strip(), (name, row)
+    for r in ("r1", "r2"):
+        samples, demo = files[f"{r}/samples"], files[f"{r}/demo"]
+        assert samples and demo[: len(samples)] == samples and len(demo) > len(samples)
+        assert all(demos[row["prompt"]] in (row["chosen"], row["rejected"]) for row in demo[len(samples) :])
+        assert len(files[f"{r}/mix"]) > len(demo)
+    nxt = [json.loads(line) for line in open(tmp_path / "r2" / "next.jsonl")]
+    assert nxt == files["r1/demo"] + files["r2/demo"]
