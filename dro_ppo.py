@@ -91,6 +91,9 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
     default: 1000 for the tiny model, 0 for --model-name-or-path"""
     sft_learning_rate: float = 3e-3
     """peak learning rate of the warm start (cosine decay to 0)"""
+    sft_batch_size: int = 64
+    """sequences per warm-start step, over all processes (apart from --batch-size: the rollout shape leaves the
+    reference as it is)"""
 
     # Algorithm
     dro: robust.DROArgs = field(default_factory=lambda: robust.DROArgs(kind="chi2", rho=2.0))
@@ -170,7 +173,8 @@ class Args(lifecycle.RunArgs):  # RunArgs: output folder, tracking, memory saver
             positive=(
                 "total_steps batch_size samples_per_prompt num_ppo_epochs num_minibatches learning_rate "
                 "value_learning_rate max_grad_norm max_new_tokens temperature eval_batch_size max_prompt_length "
-                "max_train_rows max_eval_rows sft_learning_rate cliprange cliprange_value gamma target_kl kl_horizon"
+                "max_train_rows max_eval_rows sft_learning_rate sft_batch_size cliprange cliprange_value gamma "
+                "target_kl kl_horizon"
             ),
             non_negative="kl_coef missing_eos_penalty lam vf_coef eval_every sft_steps top_k",
         )
@@ -441,6 +445,11 @@ if __name__ == "__main__":
             )
     groups = robust.GroupWeights.start(args.dro, train["domain"])  # group DRO's domain weights (None otherwise)
     batches = common.batch_indices(len(train["ids"]), args.batch_size, args.seed, "prompts")
+    if args.sft_steps and len(train["chosen"]) < args.sft_batch_size:
+        raise common.DataError(
+            f"the training data has {len(train['chosen'])} warm-start sequences, fewer than one --sft-batch-size of "
+            f"{args.sft_batch_size}; lower it or add data"
+        )
     eval_sets = {
         name: load_prompts(
             source,
@@ -483,7 +492,7 @@ if __name__ == "__main__":
             train["chosen_prompt_len"],
             pad_id,
             args.sft_steps,
-            args.batch_size,
+            args.sft_batch_size,
             args.sft_learning_rate,
             args.seed + 10_000,
             run.rank,

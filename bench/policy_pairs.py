@@ -63,7 +63,7 @@ def main():
             data["chosen_prompt_len"],
             pad,
             a.sft_steps,
-            ppo.batch_size,
+            ppo.sft_batch_size,
             ppo.sft_learning_rate,
             a.seed + 10_000,
         )

@@ -169,6 +169,10 @@ def test_too_small_datasets_are_an_error_not_a_hang(tmp_path):
     proc = run("dro_ppo.py", "--dataset", one_row, "--output-dir", str(tmp_path / "ppo"))
     assert proc.returncode == 2 and "has 1 prompts, fewer than one batch of 64" in proc.stderr
     assert not os.path.exists(tmp_path / "ppo")
+    flags = ("--max-train-rows", "40", "--batch-size", "8", "--output-dir", str(tmp_path / "sft"))
+    proc = run("dro_ppo.py", *flags)  # the prompts fill a rollout batch, not a warm-start batch
+    assert proc.returncode == 2 and "40 warm-start sequences, fewer than one --sft-batch-size of 64" in proc.stderr
+    assert not os.path.exists(tmp_path / "sft")
 
 
 def test_user_errors_exit_2_with_the_message_alone(tmp_path):

@@ -418,7 +418,7 @@ def test_every_script_trains_on_synthetic_groups_and_ppo_on_a_file_of_embedded_r
         "--save-every",
         "0",
     ]
-    run("dro_ppo.py", out, *flags, "--max-train-rows", "40", "--total-steps", "2")
+    run("dro_ppo.py", out, *flags, "--max-train-rows", "40", "--sft-batch-size", "8", "--total-steps", "2")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert set().union(*(r["domain_gold_reward"] for r in rows)) == set(common.GROUPS) and len(rows) == 8
     proc = run("dro_ppo.py", tmp_path / "bad", *flags, "--samples-per-prompt", "1", "--baseline", "critic", check=False)
