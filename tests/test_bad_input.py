@@ -167,7 +167,7 @@ def test_too_small_datasets_are_an_error_not_a_hang(tmp_path):
     assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "dpo")  # nothing written
     one_row = write(tmp_path / "one.jsonl", good_line())
     proc = run("dro_ppo.py", "--dataset", one_row, "--output-dir", str(tmp_path / "ppo"))
-    assert proc.returncode == 2 and "has 1 prompts, fewer than one batch of 64" in proc.stderr
+    assert proc.returncode == 2 and "has 1 prompts, fewer than one batch of 32" in proc.stderr
     assert not os.path.exists(tmp_path / "ppo")
     flags = ("--max-train-rows", "40", "--batch-size", "8", "--output-dir", str(tmp_path / "sft"))
     proc = run("dro_ppo.py", *flags)  # the prompts fill a rollout batch, not a warm-start batch

@@ -364,6 +364,8 @@ def test_target_kl_adapts_beta_from_each_batchs_kl(tmp_path):
         "20",
         "--kl-coef",
         "0.5",
+        "--samples-per-prompt",
+        "2",  # 8 prompts x 2: 16 rollouts per iteration below
         "--total-steps",
         "4",
         "--max-eval-rows",
