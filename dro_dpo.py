@@ -334,10 +334,10 @@ if __name__ == "__main__":
         tokenizer, args.max_new_tokens, args.temperature, top_p=args.top_p, top_k=args.top_k, model=model
     )  # stops at any of common.end_token_ids: EOS, the model's generation_config's, the template's turn end
 
-    def evaluate_all(step):
+    def evaluate_all(step):  # each evaluation samples the same random stream (common random numbers)
         results = {}
         for split, (rows, data) in eval_sets.items():
-            with lifecycle.autocast(args, run.device):
+            with lifecycle.evaluation_rng(args.seed, run), lifecycle.autocast(args, run.device):
                 results[split] = evaluate(
                     model, reference, data, pad_id, args.beta, args.eval_batch_size, f"step {step}, {split}"
                 )

@@ -539,12 +539,8 @@ if __name__ == "__main__":
         f"{args.samples_per_prompt} samples per rollout batch"
     )
 
-    def evaluate_all(step):
-        # Every evaluation samples from the same random stream, apart from training's: two evaluations differ by the
-        # policy alone (common random numbers: a smaller gain shows), and --eval-every changes no training result.
-        cuda = [run.device] if run.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), lifecycle.autocast(args, run.device):
-            torch.manual_seed(args.seed + 20_000 + run.rank)
+    def evaluate_all(step):  # each evaluation samples the same random stream (common random numbers)
+        with lifecycle.evaluation_rng(args.seed, run), lifecycle.autocast(args, run.device):
             results = {
                 split: evaluate(
                     policy,

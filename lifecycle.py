@@ -716,6 +716,15 @@ def full_weights(model) -> Optional[dict]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+@contextlib.contextmanager
+def evaluation_rng(seed: int, run):
+    """Sample an evaluation from its own fixed random stream, apart from training's: two evaluations then differ by
+    the policy alone (common random numbers: a smaller gain shows), and --eval-every changes no training result."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(seed + 20_000 + run.rank)
+        yield
+
+
 def autocast(args, device: torch.device):
     """bf16 autocast of the forward passes with --bf16 (a no-op context without it)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)

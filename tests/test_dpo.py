@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import ingest
+import lifecycle
 from dro_dpo import dpo_loss, pair_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,32 @@ def test_smoke_run(tmp_path):
     } <= set(last) and last["kl"] >= 0
     assert "gold reward of sampled responses" in proc.stdout
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.vocab_size == 384
+
+
+def test_evaluations_neither_change_training_nor_differ_by_anything_but_the_policy(tmp_path):
+    """Each evaluation samples its own fixed random stream (lifecycle.evaluation_rng): --eval-every changes no
+    trained weight (dropout kept on, so training draws random numbers too) and no other evaluation's samples."""
+    from safetensors.torch import load_file
+
+    tok = common.tiny_tokenizer()
+    config = common.tiny_config(tok)
+    config.attention_dropout = 0.1  # (the embedded task's tiny model has none)
+    lifecycle.save_atomically(AutoModelForCausalLM.from_config(config), tok, str(tmp_path / "base"))
+    for name, every in (("every", "1"), ("ends", "0")):
+        cmd = [sys.executable, os.path.join(ROOT, "dro_dpo.py"), "--output-dir", str(tmp_path / name)]
+        cmd += ["--model-name-or-path", str(tmp_path / "base")]
+        cmd += ["--total-steps", "2", "--sft-steps", "2", "--eval-every", every, "--max-eval-rows", "16"]
+        cmd += ["--eval-generations", "16", "--max-new-tokens", "4", "--keep-dropout", "--seed", "3"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("every", "ends"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = {r: [json.loads(line) for line in open(tmp_path / r / "metrics.jsonl")] for r in ("every", "ends")}
+    rows = {r: [row for row in rs if "gold_reward" in row] for r, rs in rows.items()}
+    assert {row["step"] for row in rows["every"]} == {0, 1, 2} and {row["step"] for row in rows["ends"]} == {0, 2}
+    for row in rows["every"] + rows["ends"]:
+        del row["run_id"]
+    assert [row for row in rows["every"] if row["step"] != 1] == rows["ends"]
 
 
 def test_ddp_and_accumulation_equal_one_big_batch(tmp_path):
