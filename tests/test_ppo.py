@@ -439,3 +439,32 @@ def test_policy_pairs_are_labelled_by_the_gold_reward(tmp_path):
         assert len(files[f"{r}/mix"]) > len(demo)
     nxt = [json.loads(line) for line in open(tmp_path / "r2" / "next.jsonl")]
     assert nxt == files["r1/demo"] + files["r2/demo"]
+
+
+def test_rm_scores_reads_a_response_as_ppo_reads_a_rollout(tmp_path):
+    """bench/rm_scores.py's score of a hand-written response is dro_ppo.rollout_scores' of the same response sampled
+    to its end token (to the two decimals it prints), and differs between responses (the probe reads the text)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = common.tiny_tokenizer()
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(common.tiny_config(tok, num_labels=1))
+    lifecycle.save_atomically(rm, tok, str(tmp_path / "rm"))
+    script = os.path.join(ROOT, "bench", "rm_scores.py")
+    proc = subprocess.run(
+        [sys.executable, script, str(tmp_path / "rm"), "add: 2+3=5,no!,17"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("add: 2+3: ")
+    printed = [float(cell.rsplit(" ", 1)[1]) for cell in line[len("add: 2+3: ") :].split(" / ")]
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    rm.config.pad_token_id = tok.pad_token_id
+    ids = [tok(r, add_special_tokens=False).input_ids + [tok.eos_token_id] for r in ("5", "no!", "17")]
+    responses, response_mask = common.pad(ids, tok.pad_token_id)
+    with torch.no_grad():
+        scores = dro_ppo.rollout_scores(
+            tok, rm, ["add: 2+3\n"] * 3, ["reasoning"] * 3, [False] * 3, responses, response_mask, [True] * 3
+        )
+    assert printed == pytest.approx(scores.tolist(), abs=0.005 + 1e-6)
+    assert len(set(printed)) == 3
